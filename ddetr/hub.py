@@ -1,0 +1,71 @@
+"""Locating checkpoint files: a local directory, or a Hugging Face hub repo id (local cache first).
+
+Hub access goes through huggingface_hub, so its cache, ``HF_HUB_OFFLINE`` and tokens behave as users expect.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint file could be found neither locally, nor in the hub cache, nor on the hub."""
+
+
+def looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(part and not part.startswith(".") for part in parts)
+
+
+def resolve_file(
+    path_or_repo_id: str | os.PathLike, filename: str, revision: str | None = None, required: bool = True
+) -> Path | None:
+    """Return a local path to ``filename`` of a checkpoint directory or hub repo.
+
+    With ``required=False`` a missing file gives None instead of an error (to probe for alternatives such as
+    ``model.safetensors`` vs ``pytorch_model.bin``).
+    """
+    local = Path(path_or_repo_id)
+    if local.is_dir():
+        candidate = local / filename
+        if candidate.is_file():
+            return candidate
+        if not required:
+            return None
+        raise CheckpointNotFoundError(f"{local} has no {filename}")
+    name = str(path_or_repo_id)
+    if not looks_like_repo_id(name):
+        raise CheckpointNotFoundError(f"{name!r} is neither a local directory nor a hub repo id")
+    return _hub_file(name, filename, revision, required)
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool) -> Path | None:
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    # Cache first: works offline and avoids a network round trip for every file.
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError):
+        pass
+    except ValueError:  # raised by some versions for an invalid repo id
+        raise CheckpointNotFoundError(f"{repo_id!r} is not a valid hub repo id") from None
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision))
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise CheckpointNotFoundError(f"hub repo {repo_id!r} has no file {filename!r}") from None
+    except RepositoryNotFoundError:
+        raise CheckpointNotFoundError(f"hub repo {repo_id!r} does not exist or is private (set HF_TOKEN)") from None
+    except Exception as error:  # network failures come in many types (OSError, httpx errors, offline mode)
+        if not required:
+            # Offline we cannot tell "absent" from "unreachable"; the caller reports what it needed.
+            return None
+        raise CheckpointNotFoundError(
+            f"could not get {filename!r} of hub repo {repo_id!r}: no network and not in the local cache "
+            f"({type(error).__name__}). Download it where the hub is reachable (`hf download {repo_id}`) and copy "
+            f"the cache, or pass a local directory holding config.json and model.safetensors."
+        ) from error
+

@@ -1,0 +1,239 @@
+"""`DeformableDetrModel`: backbone, multi-scale input projections, deformable encoder and decoder (no heads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddetr.backbone import Backbone, ConvEncoder, ResNet, resize_mask
+from ddetr.configuration import DeformableDetrConfig
+from ddetr.deformable_attention import MultiscaleDeformableAttention
+from ddetr.decoder import DeformableDecoder, DeformableDecoderLayer
+from ddetr.encoder import DeformableEncoder, DeformableEncoderLayer
+from ddetr.heads import build_box_heads, build_class_heads
+from ddetr.outputs import DeformableDetrModelOutput
+from ddetr.position_encoding import LearnedPositionEmbedding, SinePositionEmbedding
+from ddetr.pretrained import PretrainedMixin
+from ddetr.two_stage import encoder_proposals, proposal_position_embedding
+
+
+def build_backbone(config: DeformableDetrConfig) -> Backbone:
+    spec = config.backbone_spec
+    resnet = ResNet(
+        layer_type=spec.layer_type,
+        depths=spec.depths,
+        stem_width=spec.stem_width,
+        stage_widths=spec.stage_widths,
+        out_stages=spec.out_stages,
+        dilation=spec.dilation,
+        num_channels=spec.num_channels,
+    )
+    return Backbone(conv_encoder=ConvEncoder(resnet=resnet))
+
+
+def build_input_projections(in_channels: tuple[int, ...], d_model: int, levels: int) -> nn.ModuleList:
+    """1x1 conv + GroupNorm per backbone level; extra levels come from stride-2 3x3 convs (first on raw C5)."""
+    projections = [nn.Sequential(nn.Conv2d(channels, d_model, 1), nn.GroupNorm(32, d_model)) for channels in in_channels]
+    previous = in_channels[-1]
+    for _ in range(levels - len(in_channels)):
+        projections.append(
+            nn.Sequential(nn.Conv2d(previous, d_model, 3, stride=2, padding=1), nn.GroupNorm(32, d_model))
+        )
+        previous = d_model
+    for projection in projections:
+        nn.init.xavier_uniform_(projection[0].weight, gain=1)
+        nn.init.zeros_(projection[0].bias)
+    return nn.ModuleList(projections)
+
+
+def valid_ratio(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, height, width) validity mask to (batch, 2) as (valid width / width, valid height / height)."""
+    _, height, width = mask.shape
+    valid_height = mask[:, :, 0].sum(1).to(dtype) / height
+    valid_width = mask[:, 0, :].sum(1).to(dtype) / width
+    return torch.stack([valid_width, valid_height], -1)
+
+
+class DeformableDetrModel(PretrainedMixin, nn.Module):
+    """The Deformable DETR body. Built from a config, like transformers' class; its parts take explicit arguments."""
+
+    def __init__(self, config: DeformableDetrConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d_model = config.d_model
+        self.backbone = build_backbone(config)
+        if config.position_embedding_type == "sine":
+            self.position_embedding: nn.Module = SinePositionEmbedding(num_features=d_model // 2)
+        else:
+            self.position_embedding = LearnedPositionEmbedding(num_features=d_model // 2)
+        self.input_proj = build_input_projections(
+            self.backbone.conv_encoder.out_channels, d_model, config.num_feature_levels
+        )
+        if not config.two_stage:
+            self.query_position_embeddings = nn.Embedding(config.num_queries, 2 * d_model)
+        self.encoder = DeformableEncoder(
+            layers=[
+                DeformableEncoderLayer(
+                    d_model=d_model,
+                    ffn_dim=config.encoder_ffn_dim,
+                    heads=config.encoder_attention_heads,
+                    levels=config.num_feature_levels,
+                    points=config.encoder_n_points,
+                    dropout=config.dropout,
+                    activation=config.activation_function,
+                    activation_dropout=config.activation_dropout,
+                )
+                for _ in range(config.encoder_layers)
+            ]
+        )
+        # Heads the decoder itself needs: one box head per stage for refinement (+1 scoring proposals when
+        # two-stage) and, for two-stage, the class heads whose last one scores proposals.
+        predictions = config.decoder_layers + (1 if config.two_stage else 0)
+        self.decoder = DeformableDecoder(
+            layers=[
+                DeformableDecoderLayer(
+                    d_model=d_model,
+                    ffn_dim=config.decoder_ffn_dim,
+                    heads=config.decoder_attention_heads,
+                    levels=config.num_feature_levels,
+                    points=config.decoder_n_points,
+                    dropout=config.dropout,
+                    attention_dropout=config.attention_dropout,
+                    activation=config.activation_function,
+                    activation_dropout=config.activation_dropout,
+                )
+                for _ in range(config.decoder_layers)
+            ],
+            bbox_embed=build_box_heads(d_model, predictions, shared=False, two_stage=config.two_stage)
+            if config.with_box_refine
+            else None,
+            class_embed=build_class_heads(d_model, config.num_labels, predictions, shared=False)
+            if config.two_stage
+            else None,
+        )
+        self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, d_model))
+        if config.two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
+            self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self._reset_transformer_parameters()
+
+    @torch.no_grad()
+    def _reset_transformer_parameters(self) -> None:
+        """The paper code's initialisation of the transformer (heads initialise themselves)."""
+        transformer_parts: list[nn.Module] = [self.encoder, *self.decoder.layers]
+        if self.config.two_stage:
+            transformer_parts += [self.enc_output, self.pos_trans]
+        for part in transformer_parts:
+            for parameter in part.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_uniform_(parameter)
+        for module in self.modules():
+            if isinstance(module, MultiscaleDeformableAttention):
+                module.reset_parameters()
+        if not self.config.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    def freeze_backbone(self) -> None:
+        self.backbone.requires_grad_(False)
+
+    def unfreeze_backbone(self) -> None:
+        self.backbone.requires_grad_(True)
+
+    def _multi_scale_sources(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Projected feature maps (batch, d_model, H_l, W_l), their masks and position embeddings per level."""
+        features = self.backbone(pixel_values, pixel_mask)
+        sources, masks, positions = [], [], []
+        for level in range(self.config.num_feature_levels):
+            if level < len(features):
+                feature, mask = features[level]
+                source = self.input_proj[level](feature)
+            else:
+                previous = features[-1][0] if level == len(features) else sources[-1]
+                source = self.input_proj[level](previous)
+                mask = resize_mask(pixel_mask, source.shape[-2:])
+            sources.append(source)
+            masks.append(mask)
+            positions.append(self.position_embedding(mask, pixel_values.dtype).to(source.dtype))
+        return sources, masks, positions
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> DeformableDetrModelOutput:
+        """
+        pixel_values  (batch, channels, height, width) normalised images, padded bottom/right
+        pixel_mask    (batch, height, width) 1 on image pixels, 0 on padding (all ones when None)
+        """
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+        batch, _, height, width = pixel_values.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
+        elif pixel_mask.shape != (batch, height, width):
+            raise ValueError(f"pixel_mask {tuple(pixel_mask.shape)} does not match pixel_values {tuple(pixel_values.shape)}")
+        sources, masks, positions = self._multi_scale_sources(pixel_values, pixel_mask)
+
+        spatial_shapes = [(int(source.shape[-2]), int(source.shape[-1])) for source in sources]
+        # (batch, sequence, d_model)
+        source_flat = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], 1)
+        # (batch, sequence)
+        mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
+        # (batch, sequence, d_model)
+        position_flat = torch.cat(
+            [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, pos in enumerate(positions)],
+            1,
+        )
+        # (batch, levels, 2)
+        valid_ratios = torch.stack([valid_ratio(mask, source_flat.dtype) for mask in masks], 1)
+
+        memory, encoder_states = self.encoder(
+            source_flat, position_flat, mask_flat, spatial_shapes, valid_ratios, output_hidden_states
+        )
+
+        d_model = self.config.d_model
+        enc_outputs_class = enc_outputs_coord_logits = None
+        if self.config.two_stage:
+            proposals, proposal_memory, _ = encoder_proposals(memory, mask_flat, spatial_shapes)
+            # (batch, sequence, d_model)
+            object_queries = self.enc_output_norm(self.enc_output(proposal_memory))
+            enc_outputs_class = self.decoder.class_embed[-1](object_queries)
+            enc_outputs_coord_logits = self.decoder.bbox_embed[-1](object_queries) + proposals
+            # The paper ranks proposals by the first class channel (binary "object" score during training).
+            top = torch.topk(enc_outputs_class[..., 0], self.config.two_stage_num_proposals, dim=1).indices
+            top_logits = torch.gather(enc_outputs_coord_logits, 1, top[..., None].expand(-1, -1, 4)).detach()
+            reference_points = top_logits.sigmoid()
+            query_embeddings = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(top_logits, d_model // 2)))
+            query_position, target = query_embeddings.split(d_model, dim=2)
+        else:
+            query_position, target = self.query_position_embeddings.weight.split(d_model, dim=1)
+            query_position = query_position[None].expand(batch, -1, -1)
+            target = target[None].expand(batch, -1, -1)
+            reference_points = self.reference_points(query_position).sigmoid()
+
+        hidden_states, intermediate_points, decoder_states = self.decoder(
+            target, query_position, reference_points, memory, mask_flat, spatial_shapes, valid_ratios,
+            output_hidden_states,
+        )
+        return DeformableDetrModelOutput(
+            last_hidden_state=hidden_states[:, -1],
+            init_reference_points=reference_points,
+            intermediate_hidden_states=hidden_states,
+            intermediate_reference_points=intermediate_points,
+            decoder_hidden_states=decoder_states,
+            encoder_last_hidden_state=memory,
+            encoder_hidden_states=encoder_states,
+            enc_outputs_class=enc_outputs_class,
+            enc_outputs_coord_logits=enc_outputs_coord_logits,
+        )
+
