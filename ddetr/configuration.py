@@ -269,8 +269,6 @@ class DeformableDetrConfig:
                 f"num_feature_levels={self.num_feature_levels} is smaller than the {len(spec.out_stages)} "
                 "backbone outputs"
             )
-        if self.dilation and spec.layout == "hf_resnet":
-            raise ValueError("dilation=True (DC5) needs a timm-layout backbone_config (model_type 'timm_backbone')")
 
     # ----------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -51,8 +51,17 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool)
         pass
     except ValueError:  # raised by some versions for an invalid repo id
         raise CheckpointNotFoundError(f"{repo_id!r} is not a valid hub repo id") from None
+    unreachable = (
+        f"could not get {filename!r} of hub repo {repo_id!r}: the hub is unreachable (or HF_HUB_OFFLINE is set) and "
+        f"the file is not in the local cache. Download it where the hub is reachable (`hf download {repo_id}`) and "
+        "copy the cache, or pass a local directory holding config.json and model.safetensors."
+    )
     try:
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision))
+    except LocalEntryNotFoundError as error:  # offline: a subclass of EntryNotFoundError, so caught first
+        if not required:
+            return None
+        raise CheckpointNotFoundError(unreachable) from error
     except EntryNotFoundError:
         if not required:
             return None
@@ -63,9 +72,4 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool)
         if not required:
             # Offline we cannot tell "absent" from "unreachable"; the caller reports what it needed.
             return None
-        raise CheckpointNotFoundError(
-            f"could not get {filename!r} of hub repo {repo_id!r}: no network and not in the local cache "
-            f"({type(error).__name__}). Download it where the hub is reachable (`hf download {repo_id}`) and copy "
-            f"the cache, or pass a local directory holding config.json and model.safetensors."
-        ) from error
-
+        raise CheckpointNotFoundError(f"{unreachable} ({type(error).__name__})") from error

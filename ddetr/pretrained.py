@@ -129,16 +129,18 @@ class PretrainedMixin:
                 else:
                     raise CheckpointNotFoundError(f"{path} has no config.json beside it; pass config=")
         else:
+            # config.json first: for a hub repo its failure carries the clearest offline message.
+            if config is None:
+                config = DeformableDetrConfig.from_pretrained(path_or_repo_id, revision=revision)
             weights = resolve_file(path_or_repo_id, SAFETENSORS_NAME, revision=revision, required=False)
             if weights is None:
                 weights = resolve_file(path_or_repo_id, PYTORCH_NAME, revision=revision, required=False)
             if weights is None:
                 raise CheckpointNotFoundError(
-                    f"{path_or_repo_id!s} holds neither {SAFETENSORS_NAME} nor {PYTORCH_NAME} (and the hub could not "
-                    "provide them); pass a directory with config.json and model.safetensors"
+                    f"{path_or_repo_id!s} provides neither {SAFETENSORS_NAME} nor {PYTORCH_NAME}: pass a local "
+                    "directory holding config.json and model.safetensors, or download the hub repo where the hub "
+                    "is reachable"
                 )
-            if config is None:
-                config = DeformableDetrConfig.from_pretrained(path_or_repo_id, revision=revision)
             state, _ = load_checkpoint_file(weights)
 
         checkpoint_labels = config.num_labels
