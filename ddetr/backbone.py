@@ -35,9 +35,7 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(
-        in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
-    )
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -88,7 +86,9 @@ class Bottleneck(nn.Module):
 def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:
     if stride == 1 and in_channels == out_channels:
         return None
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), FrozenBatchNorm2d(out_channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), FrozenBatchNorm2d(out_channels)
+    )
 
 
 class ResNet(nn.Module):

@@ -190,7 +190,9 @@ class DeformableDetrConfig:
         if model_type == "timm_backbone":
             name = config.get("backbone", "resnet50")
             if name not in RESNET_PRESETS:
-                raise ValueError(f"backbone_config.backbone={name!r} is not supported; use one of {list(RESNET_PRESETS)}")
+                raise ValueError(
+                    f"backbone_config.backbone={name!r} is not supported; use one of {list(RESNET_PRESETS)}"
+                )
             layer_type, depths = RESNET_PRESETS[name]
             out_indices = tuple(int(i) for i in config.get("out_indices", (2, 3, 4)))
             dilation = bool(self.dilation or config.get("output_stride") == 16)
@@ -202,7 +204,9 @@ class DeformableDetrConfig:
             if layer_type not in ("basic", "bottleneck"):
                 raise ValueError(f"backbone_config.layer_type={layer_type!r} must be 'basic' or 'bottleneck'")
             if config.get("downsample_in_bottleneck", False) or config.get("downsample_in_first_stage", False):
-                raise ValueError("backbone_config: downsample_in_bottleneck / downsample_in_first_stage are unsupported")
+                raise ValueError(
+                    "backbone_config: downsample_in_bottleneck / downsample_in_first_stage are unsupported"
+                )
             if config.get("hidden_act", "relu") != "relu":
                 raise ValueError(f"backbone_config.hidden_act={config.get('hidden_act')!r} is unsupported; use relu")
             depths = tuple(int(d) for d in config.get("depths", (3, 4, 6, 3)))
@@ -221,7 +225,11 @@ class DeformableDetrConfig:
             )
         if len(depths) != 4 or len(stage_widths) != 4:
             raise ValueError(f"backbone_config must describe 4 ResNet stages, got depths={depths}")
-        if not out_indices or any(i not in (1, 2, 3, 4) for i in out_indices) or list(out_indices) != sorted(out_indices):
+        if (
+            not out_indices
+            or any(i not in (1, 2, 3, 4) for i in out_indices)
+            or list(out_indices) != sorted(out_indices)
+        ):
             raise ValueError(f"backbone_config: output stages {out_indices} must be increasing values in 1..4")
         return BackboneSpec(
             layout=layout,
@@ -237,7 +245,9 @@ class DeformableDetrConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field for combinations the model cannot build."""
         if self.two_stage and not self.with_box_refine:
-            raise ValueError("two_stage=True requires with_box_refine=True (the paper's two-stage variant refines boxes)")
+            raise ValueError(
+                "two_stage=True requires with_box_refine=True (the paper's two-stage variant refines boxes)"
+            )
         for name in ("encoder_attention_heads", "decoder_attention_heads"):
             heads = getattr(self, name)
             if heads <= 0 or self.d_model % heads != 0:
@@ -328,4 +338,3 @@ class DeformableDetrConfig:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DeformableDetrConfig) and self.to_dict() == other.to_dict()
-

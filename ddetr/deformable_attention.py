@@ -94,9 +94,7 @@ def sampling_locations(
     """
     if reference_points.shape[-1] == 2:
         # (levels, 2) as (width, height) so that offsets in pixels become fractions of the map
-        normalizer = torch.tensor(
-            [[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device
-        )
+        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
         return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
     if reference_points.shape[-1] == 4:
         points = offsets.shape[4]

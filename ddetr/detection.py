@@ -64,7 +64,8 @@ class DeformableDetrForObjectDetection(PretrainedMixin, nn.Module):
         """
         outputs = self.model(pixel_values, pixel_mask, output_hidden_states=output_hidden_states)
         hidden_states = outputs.intermediate_hidden_states
-        references = [outputs.init_reference_points] + list(outputs.intermediate_reference_points.unbind(1))[:-1]
+        # Layer l predicts relative to the reference it sampled around: the initial one, then each refinement.
+        references = [outputs.init_reference_points, *outputs.intermediate_reference_points.unbind(1)[:-1]]
         layer_logits, layer_boxes = [], []
         for level in range(hidden_states.shape[1]):
             reference = inverse_sigmoid(references[level])
@@ -80,7 +81,8 @@ class DeformableDetrForObjectDetection(PretrainedMixin, nn.Module):
         if labels is not None:
             if self.config.auxiliary_loss:
                 auxiliary_outputs = [
-                    {"logits": logits, "pred_boxes": boxes} for logits, boxes in zip(layer_logits[:-1], layer_boxes[:-1])
+                    {"logits": logits, "pred_boxes": boxes}
+                    for logits, boxes in zip(layer_logits[:-1], layer_boxes[:-1])
                 ]
             loss_inputs: dict[str, Any] = {
                 "logits": layer_logits[-1],

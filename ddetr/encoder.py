@@ -11,6 +11,7 @@ from torch import nn
 from ddetr.deformable_attention import MultiscaleDeformableAttention
 from ddetr.feed_forward import check_activation, feed_forward
 
+
 class DeformableEncoderLayer(nn.Module):
     def __init__(
         self,
@@ -43,7 +44,9 @@ class DeformableEncoderLayer(nn.Module):
         reference_points: torch.Tensor,
         spatial_shapes: Sequence[tuple[int, int]],
     ) -> torch.Tensor:
-        attended = self.self_attn(hidden_states + position_embeddings, hidden_states, mask, reference_points, spatial_shapes)
+        attended = self.self_attn(
+            hidden_states + position_embeddings, hidden_states, mask, reference_points, spatial_shapes
+        )
         hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
         transformed = feed_forward(
             hidden_states, self.fc1, self.fc2, self.activation, self.activation_dropout, self.training
@@ -51,9 +54,7 @@ class DeformableEncoderLayer(nn.Module):
         return self.final_layer_norm(hidden_states + F.dropout(transformed, self.dropout, self.training))
 
 
-def encoder_reference_points(
-    spatial_shapes: Sequence[tuple[int, int]], valid_ratios: torch.Tensor
-) -> torch.Tensor:
+def encoder_reference_points(spatial_shapes: Sequence[tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
     """Pixel centres of every level, normalised by the valid region, (batch, sequence, levels, 2) as (x, y).
 
     valid_ratios  (batch, levels, 2) as (valid width / width, valid height / height)

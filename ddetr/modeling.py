@@ -7,8 +7,8 @@ from torch import nn
 
 from ddetr.backbone import Backbone, ConvEncoder, ResNet, resize_mask
 from ddetr.configuration import DeformableDetrConfig
-from ddetr.deformable_attention import MultiscaleDeformableAttention
 from ddetr.decoder import DeformableDecoder, DeformableDecoderLayer
+from ddetr.deformable_attention import MultiscaleDeformableAttention
 from ddetr.encoder import DeformableEncoder, DeformableEncoderLayer
 from ddetr.heads import build_box_heads, build_class_heads
 from ddetr.outputs import DeformableDetrModelOutput
@@ -33,7 +33,9 @@ def build_backbone(config: DeformableDetrConfig) -> Backbone:
 
 def build_input_projections(in_channels: tuple[int, ...], d_model: int, levels: int) -> nn.ModuleList:
     """1x1 conv + GroupNorm per backbone level; extra levels come from stride-2 3x3 convs (first on raw C5)."""
-    projections = [nn.Sequential(nn.Conv2d(channels, d_model, 1), nn.GroupNorm(32, d_model)) for channels in in_channels]
+    projections = [
+        nn.Sequential(nn.Conv2d(channels, d_model, 1), nn.GroupNorm(32, d_model)) for channels in in_channels
+    ]
     previous = in_channels[-1]
     for _ in range(levels - len(in_channels)):
         projections.append(
@@ -181,7 +183,9 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
         if pixel_mask is None:
             pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
         elif pixel_mask.shape != (batch, height, width):
-            raise ValueError(f"pixel_mask {tuple(pixel_mask.shape)} does not match pixel_values {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_mask {tuple(pixel_mask.shape)} does not match pixel_values {tuple(pixel_values.shape)}"
+            )
         sources, masks, positions = self._multi_scale_sources(pixel_values, pixel_mask)
 
         spatial_shapes = [(int(source.shape[-2]), int(source.shape[-1])) for source in sources]
@@ -191,7 +195,10 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
         mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
         # (batch, sequence, d_model)
         position_flat = torch.cat(
-            [pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, pos in enumerate(positions)],
+            [
+                pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+                for level, pos in enumerate(positions)
+            ],
             1,
         )
         # (batch, levels, 2)
@@ -213,7 +220,9 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
             top = torch.topk(enc_outputs_class[..., 0], self.config.two_stage_num_proposals, dim=1).indices
             top_logits = torch.gather(enc_outputs_coord_logits, 1, top[..., None].expand(-1, -1, 4)).detach()
             reference_points = top_logits.sigmoid()
-            query_embeddings = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(top_logits, d_model // 2)))
+            query_embeddings = self.pos_trans_norm(
+                self.pos_trans(proposal_position_embedding(top_logits, d_model // 2))
+            )
             query_position, target = query_embeddings.split(d_model, dim=2)
         else:
             query_position, target = self.query_position_embeddings.weight.split(d_model, dim=1)
@@ -222,7 +231,13 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
             reference_points = self.reference_points(query_position).sigmoid()
 
         hidden_states, intermediate_points, decoder_states = self.decoder(
-            target, query_position, reference_points, memory, mask_flat, spatial_shapes, valid_ratios,
+            target,
+            query_position,
+            reference_points,
+            memory,
+            mask_flat,
+            spatial_shapes,
+            valid_ratios,
             output_hidden_states,
         )
         return DeformableDetrModelOutput(
@@ -236,4 +251,3 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
             enc_outputs_class=enc_outputs_class,
             enc_outputs_coord_logits=enc_outputs_coord_logits,
         )
-

@@ -114,7 +114,12 @@ def is_paper_layout(keys: Iterable[str]) -> bool:
     return any(key.startswith(("backbone.0.body.", "transformer.")) for key in keys)
 
 
-_PAPER_ENCODER_RENAMES = {"norm1": "self_attn_layer_norm", "norm2": "final_layer_norm", "linear1": "fc1", "linear2": "fc2"}
+_PAPER_ENCODER_RENAMES = {
+    "norm1": "self_attn_layer_norm",
+    "norm2": "final_layer_norm",
+    "linear1": "fc1",
+    "linear2": "fc2",
+}
 _PAPER_DECODER_RENAMES = {
     "norm1": "encoder_attn_layer_norm",
     "norm2": "self_attn_layer_norm",

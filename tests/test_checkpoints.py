@@ -202,10 +202,10 @@ def test_hub_repo_id_loads_from_the_cache_offline(tmp_path, monkeypatch):
 
 
 def test_missing_files_are_clear_errors(tmp_path):
-    with pytest.raises(CheckpointNotFoundError, match="config.json"):
+    with pytest.raises(CheckpointNotFoundError, match=r"config\.json"):
         DeformableDetrForObjectDetection.from_pretrained(tmp_path)
     tiny_config().save_pretrained(tmp_path)
-    with pytest.raises(CheckpointNotFoundError, match="model.safetensors"):
+    with pytest.raises(CheckpointNotFoundError, match=r"model\.safetensors"):
         DeformableDetrForObjectDetection.from_pretrained(tmp_path)
     with pytest.raises(CheckpointNotFoundError, match="neither a local directory nor a hub repo id"):
         DeformableDetrForObjectDetection.from_pretrained(tmp_path / "no" / "such" / "dir")
