@@ -1,0 +1,83 @@
+"""ddetr.pipeline: the hub's object-detection schema, EXIF handling, guarded inputs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddetr
+from ddetr import DeformableDetrConfig, DeformableDetrForObjectDetection, ImageInputError
+from tests.reference_models import perturb_
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    config = DeformableDetrConfig(
+        backbone="resnet18", d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=20,
+        id2label={0: "circle", 1: "square", 2: "triangle"},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = perturb_(DeformableDetrForObjectDetection(config), seed=1)
+    directory = tmp_path_factory.mktemp("detector")
+    model.save_pretrained(directory)
+    ddetr.DeformableDetrImageProcessor(size={"shortest_edge": 128, "longest_edge": 200}).save_pretrained(directory)
+    return directory
+
+
+def photo(height: int = 90, width: int = 120, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (height // 10, width // 10, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).resize((width, height), Image.Resampling.NEAREST)
+
+
+def test_schema_labels_and_clamped_boxes(detector_dir):
+    detector = ddetr.pipeline(model=detector_dir)
+    assert detector.processor.size == {"shortest_edge": 128, "longest_edge": 200}
+    detections = detector(photo(), threshold=0.0, top_k=15)
+    assert len(detections) == 15
+    scores = [d["score"] for d in detections]
+    assert scores == sorted(scores, reverse=True)
+    for detection in detections:
+        assert set(detection) == {"score", "label", "box"}
+        assert detection["label"] in {"circle", "square", "triangle"}
+        box = detection["box"]
+        assert 0 <= box["xmin"] <= box["xmax"] <= 120 and 0 <= box["ymin"] <= box["ymax"] <= 90
+    several = detector([photo(), photo(seed=1)], threshold=0.0, top_k=3)
+    assert len(several) == 2 and several[0] == detections[:3]
+    assert detector(photo(), threshold=1.0) == []
+
+
+def test_exif_rotated_file_detects_like_a_physically_rotated_copy(detector_dir):
+    detector = ddetr.pipeline(model=detector_dir)
+    upright = photo(80, 140, seed=3)
+    # Orientation 6: the stored pixels must be turned 90 degrees clockwise for display.
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged = io.BytesIO()
+    stored.save(tagged, format="PNG", exif=exif)
+    plain = io.BytesIO()
+    upright.save(plain, format="PNG")
+    from_exif = detector(tagged.getvalue(), threshold=0.0, top_k=10)
+    from_pixels = detector(plain.getvalue(), threshold=0.0, top_k=10)
+    assert [d["label"] for d in from_exif] == [d["label"] for d in from_pixels]
+    for a, b in zip(from_exif, from_pixels):
+        assert all(abs(a["box"][k] - b["box"][k]) <= 1 for k in a["box"])
+        assert abs(a["score"] - b["score"]) < 1e-3
+
+
+def test_bad_inputs_raise_the_project_error(detector_dir):
+    detector = ddetr.pipeline(model=detector_dir)
+    with pytest.raises(ImageInputError):
+        detector(b"definitely not an image")
+    with pytest.raises(ImageInputError):
+        detector(np.zeros((1, 10000, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="threshold"):
+        detector(photo(), threshold=2.0)
+    with pytest.raises(ValueError, match="object-detection"):
+        ddetr.pipeline("image-classification", model=detector_dir)
