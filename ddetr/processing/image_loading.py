@@ -6,8 +6,10 @@ Hostile or odd files are the norm for a public demo, so decoding is guarded:
   shell out to Ghostscript);
 - the pixel count is checked from the header, before any pixel is decoded, against ``max_image_pixels``;
 - every decoder failure (truncated, corrupt, bad CRC, unknown format) becomes ``ImageInputError``;
-- EXIF orientation is applied, and a malformed EXIF block is ignored rather than fatal (``exif_transpose`` has
-  crashed on bad tags in several Pillow releases);
+- EXIF orientation is applied to what we decode (paths, bytes) and by ``load_image``; a malformed EXIF block is
+  ignored rather than fatal (``exif_transpose`` has crashed on bad tags in several Pillow releases). A PIL image
+  handed straight to a processor is taken as the pixels the caller sees, as transformers does: boxes and sizes
+  must match that object, and a tag left on an image the caller already rotated would rotate it twice;
 - animated and multi-page files contribute their first frame.
 
 Colour handling matches transformers' ``convert_to_rgb`` (transparency composited onto white, everything else via
@@ -74,7 +76,7 @@ def _available_formats() -> list[str]:
 
 
 def open_image(source: ImageSource, *, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image:
-    """Decode a path or encoded bytes (or pass through a PIL image), guarded, with EXIF orientation applied.
+    """Decode a path or encoded bytes (or take a PIL image), guarded, with EXIF orientation applied.
 
     The returned image is fully loaded, detached from any file, in its original mode (``"I;16"`` stays 16-bit).
     Raises ``ImageInputError`` for a missing/empty/unsupported/corrupt file or one above ``max_image_pixels``.
@@ -123,7 +125,7 @@ def _decode(data: bytes, name: str, max_image_pixels: int | None) -> PIL.Image.I
             "the data may be corrupt or in another format"
         ) from None
     except Exception as error:
-        raise ImageInputError(f"{name} has a corrupt header ({type(error).__name__}: {error})") from None
+        raise ImageInputError(f"{name} could not be read as an image: {_decode_failure(error)}") from None
     with image:
         check_pixel_count(image.width, image.height, max_image_pixels, name=f"{name} ({image.format})")
         try:
@@ -325,15 +327,20 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def to_pixel_array(source: ImageSource, *, convert_rgb: bool, max_image_pixels: int | None) -> np.ndarray:
-    """Any accepted input as an (H, W, C) numpy array (uint8, or float32), guarded and oriented.
+    """Any accepted input as an (H, W, C) numpy array (uint8, or float32), guarded.
 
+    Decoded files are oriented by their EXIF tag; PIL images and arrays are used as given (see the module doc).
     With ``convert_rgb`` the result always has 3 channels.
     """
     if isinstance(source, (np.ndarray, torch.Tensor)):
         array = array_to_rgb(source) if convert_rgb else array_to_hwc(source)
         check_pixel_count(array.shape[1], array.shape[0], max_image_pixels, name="image array")
         return array
-    image = open_image(source, max_image_pixels=max_image_pixels)
+    if isinstance(source, PIL.Image.Image):
+        check_pixel_count(source.width, source.height, max_image_pixels)
+        image = source
+    else:
+        image = open_image(source, max_image_pixels=max_image_pixels)
     if convert_rgb:
         return pil_to_rgb_array(image)
     array = pil_to_array(image)

@@ -63,7 +63,8 @@ class DeformableDetrImageProcessor(DeformableDetrImageProcessorBase):
     ``max_image_pixels`` (default 50 MP, ``None`` for no limit) refuses larger images from their header.
 
     Inputs: a path, encoded bytes, a PIL image of any mode, an (H, W[, C]) or (C, H, W) numpy array or torch
-    tensor, or a list of these / a 4-d batch. Every rejected input raises ``ImageInputError``.
+    tensor, or a list of these / a 4-d batch. Every rejected input raises ``ImageInputError``. Files and bytes are
+    oriented by their EXIF tag; PIL images are used as given (``load_image`` orients them).
     Label boxes are normalised to the unpadded image (see ``ddetr.processing.annotations``).
     """
 
