@@ -271,8 +271,8 @@ class DeformableDetrConfig:
             raise ValueError(f"position_embedding_type={self.position_embedding_type!r} must be 'sine' or 'learned'")
         if self.activation_function not in ("relu", "gelu", "silu"):
             raise ValueError(f"activation_function={self.activation_function!r} must be relu, gelu or silu")
-        if self.d_model % 2 != 0:
-            raise ValueError(f"d_model={self.d_model} must be even (sine position embedding)")
+        if self.d_model % 32 != 0:
+            raise ValueError(f"d_model={self.d_model} must be a multiple of 32 (GroupNorm with 32 groups)")
         spec = self.backbone_spec
         if len(spec.out_stages) > self.num_feature_levels:
             raise ValueError(

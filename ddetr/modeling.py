@@ -59,6 +59,8 @@ def valid_ratio(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class DeformableDetrModel(PretrainedMixin, nn.Module):
     """The Deformable DETR body. Built from a config, like transformers' class; its parts take explicit arguments."""
 
+    checkpoint_prefix = "model."
+
     def __init__(self, config: DeformableDetrConfig) -> None:
         super().__init__()
         config.validate()

@@ -98,7 +98,8 @@ class PretrainedMixin:
     """Loading and saving in the hub's format; mixed into the nn.Module model classes."""
 
     config: DeformableDetrConfig
-    base_model_prefix = "model"
+    # Prefix of this class's tensors inside a full detection checkpoint ("model." for the headless body).
+    checkpoint_prefix = ""
 
     @classmethod
     def from_pretrained(
@@ -153,7 +154,6 @@ class PretrainedMixin:
         return model
 
     def _load_checkpoint_state(self, state: dict[str, torch.Tensor], *, relabel: bool, strict: bool) -> None:
-        is_base = self.__class__.__name__ == "DeformableDetrModel"
         if not any(key.startswith(("model.", "class_embed.", "bbox_embed.")) for key in state) and not any(
             key.startswith(("backbone.0.body.", "transformer.")) for key in state
         ):
@@ -168,8 +168,9 @@ class PretrainedMixin:
                 UserWarning,
                 stacklevel=3,
             )
-        if is_base:
-            state = {key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")}
+        if self.checkpoint_prefix:
+            prefix = self.checkpoint_prefix
+            state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
         own_state = self.state_dict()
         state = fill_tied_copies(state, own_state.keys())
         check_shared_consistency(state, shared_groups(self))
