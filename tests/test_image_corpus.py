@@ -267,6 +267,8 @@ def _corpus() -> list[CorpusFile]:
 
 CORPUS = _corpus()
 PROCESSORS = {"slow": DeformableDetrImageProcessor, "fast": DeformableDetrImageProcessorFast}
+# "load_image" is the pipeline's route: decode for display with load_image, then preprocess that picture.
+KINDS = [*PROCESSORS, "load_image"]
 
 
 @pytest.fixture(scope="module")
@@ -310,22 +312,28 @@ def test_corpus_is_large_enough():
     assert len({entry.name for entry in CORPUS}) == len(CORPUS)
 
 
-@pytest.mark.parametrize("kind", list(PROCESSORS))
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("entry", CORPUS, ids=[entry.name for entry in CORPUS])
 def test_corpus_file_is_processed_or_refused(corpus_dir, processors, entry, kind):
     path = corpus_dir / entry.name
-    rss_before = _reset_peak_rss()
-    started = time.perf_counter()
-    try:
-        output = processors[kind](path)
-        outcome = ACCEPT
-    except ImageInputError as error:
-        outcome, output = REJECT, None
-        assert str(error), "a rejection must say why"
-    elapsed = time.perf_counter() - started
-    if rss_before is not None:
-        assert _status_bytes("VmHWM") - rss_before < MAX_RSS_GROWTH_BYTES
-    assert elapsed < (SECONDS_PER_BOMB if entry.is_bomb else SECONDS_PER_FILE), f"took {elapsed:.3f} s"
+    limit = SECONDS_PER_BOMB if entry.is_bomb else SECONDS_PER_FILE
+    # A second attempt absorbs a load spike from other processes on a shared CI machine.
+    for _attempt in range(2):
+        rss_before = _reset_peak_rss()
+        started = time.perf_counter()
+        try:
+            output = processors["fast"](load_image(path)) if kind == "load_image" else processors[kind](path)
+            outcome = ACCEPT
+        except ImageInputError as error:
+            outcome, output = REJECT, None
+            assert str(error), "a rejection must say why"
+        elapsed = time.perf_counter() - started
+        if rss_before is not None:
+            assert _status_bytes("VmHWM") - rss_before < MAX_RSS_GROWTH_BYTES
+        if elapsed < limit:
+            break
+    assert elapsed < limit, f"took {elapsed:.3f} s"
     if entry.expectation != EITHER:
         assert outcome == entry.expectation
     if output is not None:
@@ -364,6 +372,24 @@ def test_refusals_name_the_problem(corpus_dir, processors):
             processors["slow"](corpus_dir / name)
         # The file name itself may contain the words; look at the explanation only.
         assert words in str(info.value).replace(name, ""), str(info.value)
+
+
+def test_lazily_opened_corrupt_pil_images_are_refused(corpus_dir, processors):
+    """An ``Image.open`` result is decoded only when used; a corrupt one must still give ``ImageInputError``."""
+    checked = 0
+    for entry in CORPUS:
+        if "truncated" not in entry.name or entry.expectation != REJECT:
+            continue
+        try:
+            image = PIL.Image.open(corpus_dir / entry.name)
+        except Exception:
+            continue  # Pillow could not even read the header; nothing lazy to test
+        with image:
+            for consumer in (processors["slow"], processors["fast"], load_image):
+                with pytest.raises(ImageInputError):
+                    consumer(image)
+        checked += 1
+    assert checked >= 3
 
 
 # The transposition each EXIF orientation asks for (EXIF 2.32, tag 0x0112), written out independently of Pillow.

@@ -82,8 +82,7 @@ def open_image(source: ImageSource, *, max_image_pixels: int | None = DEFAULT_MA
     Raises ``ImageInputError`` for a missing/empty/unsupported/corrupt file or one above ``max_image_pixels``.
     """
     if isinstance(source, PIL.Image.Image):
-        check_pixel_count(source.width, source.height, max_image_pixels)
-        return apply_exif_orientation(source)
+        return apply_exif_orientation(_loaded(source, max_image_pixels))
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         name = "image bytes"
@@ -95,6 +94,16 @@ def open_image(source: ImageSource, *, max_image_pixels: int | None = DEFAULT_MA
     if not data:
         raise ImageInputError(f"{name} is empty (0 bytes)")
     return _decode(data, name, max_image_pixels)
+
+
+def _loaded(image: PIL.Image.Image, max_image_pixels: int | None) -> PIL.Image.Image:
+    """A caller's PIL image, checked and decoded: one from ``Image.open`` may still hold an unread, corrupt file."""
+    check_pixel_count(image.width, image.height, max_image_pixels)
+    try:
+        image.load()
+    except Exception as error:
+        raise ImageInputError(f"the PIL image could not be decoded: {_decode_failure(error)}") from None
+    return image
 
 
 def _read_file(path: str | os.PathLike, name: str) -> bytes:
@@ -177,15 +186,28 @@ def apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
 def load_image(source: ImageSource, *, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Open any accepted source as an 8-bit RGB PIL image, oriented, e.g. to draw detections on.
 
-    Its ``size`` is the original size that post-processing should scale boxes to.
+    Its ``size`` is the original size that post-processing should scale boxes to. PIL images are oriented by
+    their EXIF tag here (the returned copy carries no tag, so it is never rotated twice). Float arrays whose
+    values all lie in [0, 1] are read as unit-range colours, other arrays as 0..255.
     """
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        array = array_to_rgb(source)
-    else:
-        array = pil_to_rgb_array(open_image(source, max_image_pixels=max_image_pixels))
-    if array.dtype != np.uint8:
-        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(array)
+    try:
+        if isinstance(source, (np.ndarray, torch.Tensor)):
+            array = array_to_rgb(source)
+            check_pixel_count(array.shape[1], array.shape[0], max_image_pixels, name="image array")
+            if array.dtype != np.uint8 and float(array.max()) <= 1.0:
+                array = array * np.float32(255.0)
+        else:
+            array = pil_to_rgb_array(open_image(source, max_image_pixels=max_image_pixels))
+        if array.dtype != np.uint8:
+            array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(np.ascontiguousarray(array))
+    except ImageInputError:
+        raise
+    except MemoryError:
+        raise ImageInputError("not enough memory to load the image") from None
+    except Exception as error:
+        # Callers (a web demo) rely on one exception type for every unusable input.
+        raise ImageInputError(f"could not load the image: {type(error).__name__}: {error}") from error
 
 
 def pil_to_rgb_array(image: PIL.Image.Image) -> np.ndarray:
@@ -337,8 +359,7 @@ def to_pixel_array(source: ImageSource, *, convert_rgb: bool, max_image_pixels: 
         check_pixel_count(array.shape[1], array.shape[0], max_image_pixels, name="image array")
         return array
     if isinstance(source, PIL.Image.Image):
-        check_pixel_count(source.width, source.height, max_image_pixels)
-        image = source
+        image = _loaded(source, max_image_pixels)
     else:
         image = open_image(source, max_image_pixels=max_image_pixels)
     if convert_rgb:
