@@ -23,6 +23,7 @@ from ddetr.processing import (
     load_image,
 )
 from ddetr.processing.annotations import AnnotationError
+from ddetr.processing.image_processor_fast import resize_batch
 from ddetr.processing.resize import normalize_size
 
 transformers = pytest.importorskip("transformers")
@@ -244,6 +245,45 @@ def test_float_arrays_follow_rescale_settings(slow, reference):
     theirs = reference((unit * 255).round().astype(np.uint8), return_tensors="pt")["pixel_values"]
     max_diff, mean_diff = _difference(ours, theirs)
     assert max_diff < 0.03 and mean_diff < 0.01
+
+
+@pytest.mark.parametrize("native_uint8", [True, False])
+@pytest.mark.parametrize("resample", [PIL.Image.Resampling.BILINEAR, PIL.Image.Resampling.BICUBIC])
+def test_fast_resize_paths_stay_close_to_pillow(native_uint8, resample):
+    """The float-then-round path is what runs on GPUs; check it here on CPU against Pillow directly."""
+    image = _mode_images()["RGB"].resize((97, 71))
+    if resample == PIL.Image.Resampling.BILINEAR:
+        worst, typical = 1, 0.25
+    else:
+        # Bicubic overshoots: Pillow clamps to 8 bits between its two passes, a float pass does not.
+        worst, typical = (2, 0.25) if native_uint8 else (16, 0.5)
+    for size in [(300, 410), (40, 55)]:
+        expected = np.asarray(image.resize(size[::-1], resample=resample)).astype(np.int16)
+        batch = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
+        resized = resize_batch(batch, size, int(resample), native_uint8=native_uint8)[0].permute(1, 2, 0)
+        difference = np.abs(resized.numpy().astype(np.int16) - expected)
+        assert difference.max() <= worst
+        assert difference.mean() < typical
+
+
+def test_numpy_outputs_and_batch_feature_moves(slow, fast):
+    images = [np.zeros((20, 30, 3), dtype=np.uint8), np.zeros((30, 20, 3), dtype=np.uint8)]
+    annotation = {"image_id": 1, "annotations": [{"bbox": [1, 1, 5, 5], "category_id": 3, "area": 25}]}
+    for processor in (slow, fast):
+        out = processor(images, annotations=[annotation, annotation], return_tensors="np")
+        assert isinstance(out["pixel_values"], np.ndarray) and out["pixel_values"].shape == (2, 3, 1200, 1200)
+        assert isinstance(out["labels"][0]["boxes"], np.ndarray)
+    listed = slow(images, return_tensors=None)
+    assert isinstance(listed["pixel_values"], list) and len(listed["pixel_values"]) == 2
+    moved = slow(images, annotations=[annotation, annotation]).to(torch.float16)
+    assert moved.pixel_values.dtype == torch.float16 and moved.pixel_mask.dtype == torch.int64
+    assert moved.labels[0]["class_labels"].dtype == torch.int64
+
+
+def test_legacy_pad_flag_is_understood():
+    assert DeformableDetrImageProcessor(pad_and_return_pixel_mask=False).do_pad is False
+    out = DeformableDetrImageProcessor(pad_and_return_pixel_mask=False)(np.zeros((20, 30, 3), dtype=np.uint8))
+    assert "pixel_mask" not in out
 
 
 def test_fast_processor_runs_on_the_requested_device(fast):

@@ -36,18 +36,21 @@ def _torch_mode(resample: int) -> str:
     return _TORCH_MODES[resample]
 
 
-def resize_batch(images: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
+def resize_batch(
+    images: torch.Tensor, size: tuple[int, int], resample: int, *, native_uint8: bool | None = None
+) -> torch.Tensor:
     """Resize (B, C, H, W) to ``size`` with Pillow-like antialiasing; uint8 input gives uint8-valued output.
 
-    On CPU, uint8 is resized natively (torch's uint8 kernels reproduce Pillow to within 1 level). Elsewhere uint8
-    is resized in float and rounded back to whole levels, as torchvision does, so both paths see 8-bit inputs.
+    On CPU (``native_uint8`` defaults to that), uint8 is resized natively: torch's uint8 kernels reproduce Pillow
+    to within 1 level. Elsewhere uint8 is resized in float and rounded back to whole levels, as torchvision does,
+    so both paths see 8-bit inputs.
     """
     mode = _torch_mode(resample)
     options: dict[str, Any] = {} if mode == "nearest-exact" else {"antialias": True, "align_corners": False}
     if tuple(images.shape[-2:]) == tuple(size):
         return images
     if images.dtype == torch.uint8:
-        if images.device.type == "cpu":
+        if native_uint8 if native_uint8 is not None else images.device.type == "cpu":
             return F.interpolate(images.contiguous(memory_format=torch.channels_last), size=size, mode=mode, **options)
         resized = F.interpolate(images.float(), size=size, mode=mode, **options)
         return resized.round_().clamp_(0, 255)
