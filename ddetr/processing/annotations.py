@@ -64,7 +64,7 @@ def validate_coco_detection(annotation: Any, index: int = 0) -> None:
             if key not in obj:
                 raise AnnotationError(f"{obj_where} is missing {key!r}")
         bbox = obj["bbox"]
-        if isinstance(bbox, np.ndarray):
+        if hasattr(bbox, "tolist"):  # numpy arrays and torch tensors
             bbox = bbox.tolist()
         if not isinstance(bbox, Sequence) or isinstance(bbox, (str, bytes)) or len(bbox) != 4:
             raise AnnotationError(f"{obj_where}['bbox'] must be [x, y, width, height], got {obj['bbox']!r}")
@@ -86,7 +86,7 @@ def prepare_coco_detection(annotation: Mapping[str, Any], image_size: tuple[int,
     objects = [obj for obj in annotation["annotations"] if int(obj.get("iscrowd", 0)) == 0]
     boxes = np.asarray([[float(v) for v in obj["bbox"]] for obj in objects], dtype=np.float32).reshape(-1, 4)
     areas = np.asarray(
-        [float(obj["area"]) if "area" in obj else float(obj["bbox"][2]) * float(obj["bbox"][3]) for obj in objects],
+        [float(obj["area"]) if "area" in obj else float(box[2] * box[3]) for obj, box in zip(objects, boxes)],
         dtype=np.float32,
     )
     classes = np.asarray([int(obj["category_id"]) for obj in objects], dtype=np.int64)

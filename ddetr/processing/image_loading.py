@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -84,16 +84,13 @@ def open_image(source: ImageSource, *, max_image_pixels: int | None = DEFAULT_MA
     if isinstance(source, PIL.Image.Image):
         return apply_exif_orientation(_loaded(source, max_image_pixels))
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        name = "image bytes"
-    elif isinstance(source, (str, os.PathLike)):
+        return _decode(io.BytesIO(source), "image bytes", max_image_pixels)
+    if isinstance(source, (str, os.PathLike)):
         name = f"image file {os.fspath(source)!r}"
-        data = _read_file(source, name)
-    else:
-        raise ImageInputError(f"cannot open an image from {type(source).__name__}; pass a path, bytes or PIL image")
-    if not data:
-        raise ImageInputError(f"{name} is empty (0 bytes)")
-    return _decode(data, name, max_image_pixels)
+        # Decoding from the open file reads only the header and the first frame, however large the file is.
+        with _open_file(source, name) as handle:
+            return _decode(handle, name, max_image_pixels)
+    raise ImageInputError(f"cannot open an image from {type(source).__name__}; pass a path, bytes or PIL image")
 
 
 def _loaded(image: PIL.Image.Image, max_image_pixels: int | None) -> PIL.Image.Image:
@@ -106,10 +103,9 @@ def _loaded(image: PIL.Image.Image, max_image_pixels: int | None) -> PIL.Image.I
     return image
 
 
-def _read_file(path: str | os.PathLike, name: str) -> bytes:
+def _open_file(path: str | os.PathLike, name: str) -> BinaryIO:
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        return open(path, "rb")
     except FileNotFoundError:
         raise ImageInputError(f"{name} does not exist") from None
     except IsADirectoryError:
@@ -118,14 +114,21 @@ def _read_file(path: str | os.PathLike, name: str) -> bytes:
         raise ImageInputError(f"{name} could not be read: {error}") from None
 
 
-def _decode(data: bytes, name: str, max_image_pixels: int | None) -> PIL.Image.Image:
-    reason = _describe_non_image(data[:512])
+def _decode(handle: BinaryIO, name: str, max_image_pixels: int | None) -> PIL.Image.Image:
+    try:
+        head = handle.read(512)
+        handle.seek(0)
+    except OSError as error:
+        raise ImageInputError(f"{name} could not be read: {error}") from None
+    if not head:
+        raise ImageInputError(f"{name} is empty (0 bytes)")
+    reason = _describe_non_image(head)
     if reason is not None:
         raise ImageInputError(f"{name}: {reason}")
     formats = _available_formats()
     try:
         # Opening parses the header only; Pillow's own bomb check (about 179 MP) may already fire here.
-        image = PIL.Image.open(io.BytesIO(data), formats=formats)
+        image = PIL.Image.open(handle, formats=formats)
     except PIL.Image.DecompressionBombError as error:
         raise ImageInputError(f"{name} declares too many pixels to decode safely: {error}") from None
     except PIL.UnidentifiedImageError:
@@ -143,7 +146,7 @@ def _decode(data: bytes, name: str, max_image_pixels: int | None) -> PIL.Image.I
         except Exception as error:
             raise ImageInputError(f"{name} ({image.format}) could not be decoded: {_decode_failure(error)}") from None
         oriented = apply_exif_orientation(image)
-        # Detach from the BytesIO so the caller owns a plain in-memory image.
+        # Detach from the file so the caller owns a plain in-memory image.
         return oriented.copy() if oriented is image else oriented
 
 

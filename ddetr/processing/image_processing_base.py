@@ -81,12 +81,19 @@ def _per_channel(values: tuple[float, ...], channels: int, name: str) -> np.ndar
 def _float_tuple(values: Any, name: str) -> tuple[float, ...]:
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         return (float(values),)
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        values = values.tolist()
     if isinstance(values, Sequence) and not isinstance(values, str) and values:
         try:
             return tuple(float(v) for v in values)
         except (TypeError, ValueError):
             pass
     raise ValueError(f"{name} must be a number or a list of numbers, got {values!r}")
+
+
+def _check_std(image_std: Sequence[float]) -> None:
+    if any(not std > 0 for std in image_std):
+        raise ValueError(f"image_std must be positive numbers, got {list(image_std)}")
 
 
 def _resample_code(resample: Any) -> int:
@@ -150,8 +157,7 @@ class DeformableDetrImageProcessorBase:
         self.do_normalize = bool(do_normalize)
         self.image_mean = list(_float_tuple(IMAGENET_DEFAULT_MEAN if image_mean is None else image_mean, "image_mean"))
         self.image_std = list(_float_tuple(IMAGENET_DEFAULT_STD if image_std is None else image_std, "image_std"))
-        if any(s == 0 for s in self.image_std):
-            raise ValueError(f"image_std must not contain 0, got {self.image_std}")
+        _check_std(self.image_std)
         # As in transformers: boxes are normalised exactly when pixels are, unless said otherwise.
         self.do_convert_annotations = (
             self.do_normalize if do_convert_annotations is None else bool(do_convert_annotations)
@@ -202,6 +208,7 @@ class DeformableDetrImageProcessorBase:
             value["max_image_pixels"] = self._check_max_pixels(given["max_image_pixels"])
         value["image_mean"] = _float_tuple(value["image_mean"], "image_mean")
         value["image_std"] = _float_tuple(value["image_std"], "image_std")
+        _check_std(value["image_std"])
         return ProcessingSettings(**value)
 
     @staticmethod
@@ -243,6 +250,9 @@ class DeformableDetrImageProcessorBase:
             raise
         except MemoryError:
             raise ImageInputError("not enough memory to preprocess the image(s); try smaller images") from None
+        except ValueError as error:
+            # Our own argument checks already explain themselves.
+            raise ImageInputError(str(error)) from error
         except Exception as error:
             raise ImageInputError(f"could not preprocess the image(s): {type(error).__name__}: {error}") from error
 
