@@ -1,5 +1,7 @@
 """Custom operators: multi-scale deformable attention and its fast implementations."""
 
+# Imported for its side effect: registers the fast CPU implementation with the dispatcher.
+from ddetr.ops import ms_deform_attn_cpu  # noqa: F401
 from ddetr.ops.ms_deform_attn import (
     ms_deform_attn,
     ms_deform_attn_reference,

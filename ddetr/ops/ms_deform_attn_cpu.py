@@ -1,0 +1,589 @@
+"""Fast CPU multi-scale deformable attention, forward and backward.
+
+Two backends share one ``torch.library`` custom op (so ``torch.compile`` treats the op as opaque and autograd comes from
+``register_autograd``):
+
+``"cpp"``    a small C++/OpenMP kernel (``ms_deform_attn_cpu.cpp``) compiled on first use with the system C++ compiler
+             and loaded through ``ctypes``. It needs no torch or Python headers and no ninja, builds in about a second,
+             and is cached per source, compiler, flags and CPU in ``$DDETR_CACHE_DIR`` (default
+             ``~/.cache/ddetr``). Forward parallelises over (batch, queries); backward over (batch, heads), so every
+             task owns its slice of ``grad_value``: no atomics, deterministic.
+``"torch"``  pure PyTorch: the four bilinear corners become flat row indices and per-corner weights (bilinear x
+             attention) fed to ``F.embedding_bag(mode="sum")``, a fused gather + weighted sum that never materialises
+             the sampled values. Used when the compiler is missing or the build fails (a warning is emitted once).
+
+``"auto"`` picks ``"cpp"`` when it builds and loads, else ``"torch"``; the environment variable
+``DDETR_MSDA_CPU_BACKEND=torch`` turns the compiled kernel off without touching code.
+
+Inputs in bfloat16/float16 are sampled in float32 (locations and weights included) and the output is cast back to the
+value dtype; float64 stays float64 (gradcheck).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ddetr.ops.ms_deform_attn import SpatialShapes, register_implementation
+
+__all__ = ["BACKENDS", "cpp_extension_path", "load_cpp_extension", "ms_deform_attn_cpu"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpp", "torch")
+_BACKEND_ENV = "DDETR_MSDA_CPU_BACKEND"
+_CACHE_ENV = "DDETR_CACHE_DIR"
+_SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cpp")
+_ABI_VERSION = 2
+# Tried in order: the first is the fast one; the others trade speed for building with compilers that reject
+# -march=native or lack OpenMP (the kernel then runs single-threaded, still far faster than grid_sample).
+_FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
+_COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+_COMPILE_TIMEOUT_S = 300
+# Below this many sampling points per call the kernels run on one thread.
+_MIN_SAMPLES_PER_THREAD = 4096
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building and loading the C++ kernel
+
+
+class _Kernels:
+    """The loaded shared library with typed entry points, indexed by torch dtype."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self.library = library
+        pointer, index, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.forward: dict[torch.dtype, ctypes._CFuncPtr] = {}
+        self.backward: dict[torch.dtype, ctypes._CFuncPtr] = {}
+        for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+            forward = getattr(library, f"ddetr_msda_forward_{suffix}")
+            forward.argtypes = [pointer] * 6 + [index] * 7 + [threads]
+            forward.restype = None
+            backward = getattr(library, f"ddetr_msda_backward_{suffix}")
+            backward.argtypes = [pointer] * 9 + [index] * 8 + [threads]
+            backward.restype = None
+            self.forward[dtype] = forward
+            self.backward[dtype] = backward
+
+
+_kernels: _Kernels | None = None
+_load_attempted = False
+_load_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get(_CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ddetr"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on, so a cache shared between different machines never loads foreign code."""
+    signature = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features", "model name")):
+                    signature += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return signature
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout
+
+
+def _library_path(compiler: str, flags: tuple[str, ...], cache_dir: Path) -> Path:
+    digest = hashlib.sha256()
+    parts = (_SOURCE.read_bytes(), compiler.encode(), _compiler_version(compiler).encode(), " ".join(flags).encode())
+    for part in parts:
+        digest.update(part)
+        digest.update(b"\0")
+    if "-march=native" in flags:
+        digest.update(_cpu_signature().encode())
+    suffix = ".dylib" if platform.system() == "Darwin" else ".so"
+    return cache_dir / f"msda_cpu_{digest.hexdigest()[:16]}{suffix}"
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a unique name and rename: concurrent processes never load a half-written library.
+    handle, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    command = [compiler, *_COMMON_FLAGS, *flags, str(_SOURCE), "-o", partial]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _open(path: Path) -> _Kernels:
+    library = ctypes.CDLL(str(path))
+    version = library.ddetr_msda_abi_version()
+    if version != _ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI version {version}, expected {_ABI_VERSION}")
+    return _Kernels(library, path)
+
+
+def _build_and_open() -> _Kernels:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    cache_dir = _cache_dir()
+    errors = []
+    for flags in _FLAG_SETS:
+        target = _library_path(compiler, flags, cache_dir)
+        try:
+            if not target.exists():
+                logger.info("compiling the deformable-attention CPU kernel into %s", target)
+                _compile(compiler, flags, target)
+            return _open(target)
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
+            errors.append(f"flags {flags}: {error}")
+    raise RuntimeError("\n".join(errors))
+
+
+def load_cpp_extension() -> _Kernels | None:
+    """Build (once per machine) and load the C++ kernel; ``None`` with a one-time warning when that is impossible.
+
+    Call it at start-up to pay the one-second build before the first request instead of during it.
+    """
+    global _kernels, _load_attempted
+    if _load_attempted:
+        return _kernels
+    with _load_lock:
+        if not _load_attempted:
+            try:
+                _kernels = _build_and_open()
+            except Exception as error:  # any failure must degrade to the pure path, never crash inference
+                warnings.warn(
+                    "ddetr: could not build the C++ deformable-attention CPU kernel, using the slower pure-PyTorch "
+                    f"path instead. Reason: {error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            _load_attempted = True
+    return _kernels
+
+
+def cpp_extension_path() -> Path | None:
+    """Path of the loaded compiled kernel, or ``None`` when the pure-PyTorch path is in use."""
+    kernels = load_cpp_extension()
+    return None if kernels is None else kernels.path
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        backend = os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{_BACKEND_ENV}={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "cpp" if load_cpp_extension() is not None else "torch"
+    if backend == "cpp" and load_cpp_extension() is None:
+        raise RuntimeError("backend='cpp' was requested but the C++ kernel could not be built (see the warning)")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels behind the custom op; all take contiguous tensors of one float dtype and the flat [h0, w0, h1, w1, ...]
+# spatial shapes.
+
+
+@functools.lru_cache(maxsize=64)
+def _level_tables_cached(spatial_shapes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    # (levels, 2) as (height, width), and (levels,) first sequence index of each level. Cached: shapes repeat for
+    # every layer and call, and the kernels only read them.
+    shapes = torch.tensor(spatial_shapes, dtype=torch.int64).view(-1, 2)
+    starts = torch.zeros(shapes.shape[0], dtype=torch.int64)
+    starts[1:] = (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]
+    return shapes, starts
+
+
+def _level_tables(spatial_shapes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _level_tables_cached(tuple(spatial_shapes))
+
+
+def _threads_for(samples: int) -> int:
+    # Waking a second thread costs more than it saves on tiny problems, much more on an oversubscribed machine.
+    return 1 if samples < _MIN_SAMPLES_PER_THREAD else torch.get_num_threads()
+
+
+def _cpp_forward(
+    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    kernels = load_cpp_extension()
+    if kernels is None:
+        raise RuntimeError("the C++ deformable-attention kernel is not available")
+    batch, sequence, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    shapes, starts = _level_tables(spatial_shapes)
+    # (batch, queries, heads * head_dim)
+    output = value.new_empty(batch, queries, heads * head_dim)
+    kernels.forward[value.dtype](
+        value.data_ptr(),
+        shapes.data_ptr(),
+        starts.data_ptr(),
+        sampling_locations.data_ptr(),
+        attention_weights.data_ptr(),
+        output.data_ptr(),
+        batch,
+        sequence,
+        queries,
+        heads,
+        head_dim,
+        levels,
+        points,
+        _threads_for(batch * queries * heads * levels * points),
+    )
+    return output
+
+
+def _cpp_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = load_cpp_extension()
+    if kernels is None:
+        raise RuntimeError("the C++ deformable-attention kernel is not available")
+    batch, sequence, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    shapes, starts = _level_tables(spatial_shapes)
+    threads = _threads_for(batch * queries * heads * levels * points)
+    # The backward kernel parallelises over (batch, heads); with fewer of those than threads, queries are split
+    # into chunks that each accumulate into a private copy of grad_value, summed afterwards.
+    chunks = max(1, -(-threads // max(1, batch * heads)))
+    # (batch, heads, sequence, head_dim): the kernel wants each head's rows contiguous
+    value_t = value.transpose(1, 2).contiguous()
+    # (chunks, batch, heads, sequence, head_dim)
+    grad_value_t = value.new_zeros(chunks, batch, heads, sequence, head_dim)
+    grad_locations = torch.empty_like(sampling_locations)
+    grad_weights = torch.empty_like(attention_weights)
+    kernels.backward[value.dtype](
+        value_t.data_ptr(),
+        shapes.data_ptr(),
+        starts.data_ptr(),
+        sampling_locations.data_ptr(),
+        attention_weights.data_ptr(),
+        grad_output.data_ptr(),
+        grad_value_t.data_ptr(),
+        grad_locations.data_ptr(),
+        grad_weights.data_ptr(),
+        batch,
+        sequence,
+        queries,
+        heads,
+        head_dim,
+        levels,
+        points,
+        chunks,
+        threads,
+    )
+    grad_value_t = grad_value_t[0] if chunks == 1 else grad_value_t.sum(0)
+    # (batch, sequence, heads, head_dim)
+    grad_value = grad_value_t.transpose(1, 2).contiguous()
+    return grad_value, grad_locations, grad_weights
+
+
+class _Corners(NamedTuple):
+    """The four bilinear corners of every sampling point, for the pure-PyTorch backend.
+
+    Corner c = (dx, dy) with c = 2 * dy + dx. Out-of-map corners keep an in-range (clamped) row and get zero weight,
+    so ``embedding_bag`` needs no masking; the per-axis validity is kept for the gradient.
+    """
+
+    rows: torch.Tensor  # (batch * queries * heads, levels * points * 4) rows of value.reshape(-1, head_dim)
+    weight_x: tuple[torch.Tensor, torch.Tensor]  # (batch, queries, heads, levels, points) (1 - fx, fx) x validity
+    weight_y: tuple[torch.Tensor, torch.Tensor]  # (batch, queries, heads, levels, points) (1 - fy, fy) x validity
+    valid_x: tuple[torch.Tensor, torch.Tensor]  # (batch, queries, heads, levels, points) column x0 / x0 + 1 in map
+    valid_y: tuple[torch.Tensor, torch.Tensor]  # (batch, queries, heads, levels, points) row y0 / y0 + 1 in map
+
+
+def _axis(
+    coordinate: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Split pixel coordinates along one axis into two clamped integer neighbours, their weights and validity."""
+    dtype = coordinate.dtype
+    # Clamped to [-2, size + 1]: beyond that both neighbours are outside the map whatever the exact value, and the
+    # clamp keeps far-away, infinite or NaN points from overflowing the integer cast or making the fraction NaN.
+    coordinate = torch.nan_to_num(coordinate, nan=-2.0).clamp(min=-2.0).minimum((size + 1).to(dtype))
+    floor = coordinate.floor()
+    fraction = coordinate - floor
+    low = floor.long()
+    valid_low = (low >= 0) & (low < size)
+    valid_high = (low >= -1) & (low < size - 1)
+    weights = ((1 - fraction) * valid_low.to(dtype), fraction * valid_high.to(dtype))
+    valid = (valid_low.to(dtype), valid_high.to(dtype))
+    # In-range neighbour indices: invalid ones are multiplied by a zero weight.
+    low_clamped = low.clamp(min=0).minimum(size - 1)
+    high_clamped = (low + 1).clamp(min=0).minimum(size - 1)
+    return low_clamped, weights, valid, high_clamped
+
+
+def _corners(spatial_shapes: list[int], sampling_locations: torch.Tensor, sequence: int, heads: int) -> _Corners:
+    batch, queries, _, levels, points, _ = sampling_locations.shape
+    dtype = sampling_locations.dtype
+    shapes, starts = _level_tables(spatial_shapes)
+    # (levels, 1) so they broadcast against (batch, queries, heads, levels, points)
+    height = shapes[:, :1]
+    width = shapes[:, 1:]
+    x_low, weight_x, valid_x, x_high = _axis(sampling_locations[..., 0] * width.to(dtype) - 0.5, width)
+    y_low, weight_y, valid_y, y_high = _axis(sampling_locations[..., 1] * height.to(dtype) - 0.5, height)
+    # Row of value.reshape(batch * sequence * heads, head_dim) = (b * sequence + start + y * width + x) * heads + h;
+    # the (b, level, y, h) part is shared by two corners.
+    # (batch, 1, heads, levels, 1)
+    base = (torch.arange(batch).view(batch, 1, 1, 1, 1) * sequence + starts.view(levels, 1)) * heads + torch.arange(
+        heads
+    ).view(1, 1, heads, 1, 1)
+    row_low = base + y_low * (width * heads)
+    row_high = base + y_high * (width * heads)
+    x_low = x_low * heads
+    x_high = x_high * heads
+    # (batch, queries, heads, levels, points, 4)
+    rows = torch.stack((row_low + x_low, row_low + x_high, row_high + x_low, row_high + x_high), dim=-1)
+    return _Corners(rows.view(batch * queries * heads, levels * points * 4), weight_x, weight_y, valid_x, valid_y)
+
+
+def _corner_weights(corners: _Corners, attention_weights: torch.Tensor) -> torch.Tensor:
+    """Bilinear x attention weight of every corner, (batch * queries * heads, levels * points * 4)."""
+    weight_x0, weight_x1 = corners.weight_x
+    attention_y0 = attention_weights * corners.weight_y[0]
+    attention_y1 = attention_weights * corners.weight_y[1]
+    stacked = torch.stack(
+        (attention_y0 * weight_x0, attention_y0 * weight_x1, attention_y1 * weight_x0, attention_y1 * weight_x1), dim=-1
+    )
+    return stacked.view(corners.rows.shape)
+
+
+def _torch_forward(
+    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    batch, sequence, heads, head_dim = value.shape
+    queries = sampling_locations.shape[1]
+    corners = _corners(spatial_shapes, sampling_locations, sequence, heads)
+    output = F.embedding_bag(
+        corners.rows,
+        value.reshape(-1, head_dim),
+        per_sample_weights=_corner_weights(corners, attention_weights),
+        mode="sum",
+    )
+    return output.view(batch, queries, heads * head_dim)
+
+
+def _torch_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, sequence, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    corners = _corners(spatial_shapes, sampling_locations, sequence, heads)
+
+    # Differentiate embedding_bag itself: its fused backward gives grad of the value rows and, per corner, the dot
+    # product <grad_output, corner value> without materialising one row per corner. torch.func.vjp rather than
+    # torch.autograd.grad because a custom op's implementation runs below the autograd dispatch key.
+    def bag(value_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(corners.rows, value_rows, per_sample_weights=weights, mode="sum")
+
+    output, pullback = torch.func.vjp(bag, value.reshape(-1, head_dim), _corner_weights(corners, attention_weights))
+    grad_rows, corner_dots = pullback(grad_output.reshape(output.shape))
+    # (batch, queries, heads, levels, points) each; dots of out-of-map corners are finite and meet zero weights.
+    dot00, dot01, dot10, dot11 = corner_dots.view(batch, queries, heads, levels, points, 4).unbind(-1)
+    weight_x0, weight_x1 = corners.weight_x
+    weight_y0, weight_y1 = corners.weight_y
+    valid_x0, valid_x1 = corners.valid_x
+    valid_y0, valid_y1 = corners.valid_y
+    sample_y0 = weight_x0 * dot00 + weight_x1 * dot01
+    sample_y1 = weight_x0 * dot10 + weight_x1 * dot11
+    grad_weights = weight_y0 * sample_y0 + weight_y1 * sample_y1
+    shapes, _ = _level_tables(spatial_shapes)
+    # (levels, 1): chain rule through x = loc_x * width - 0.5
+    height = shapes[:, :1].to(value.dtype)
+    width = shapes[:, 1:].to(value.dtype)
+    # d(1 - fx)/dx = -1 and d(fx)/dx = 1, each only where that column is inside the map (as in grid_sample).
+    slope_x = weight_y0 * (valid_x1 * dot01 - valid_x0 * dot00) + weight_y1 * (valid_x1 * dot11 - valid_x0 * dot10)
+    slope_y = weight_x0 * (valid_y1 * dot10 - valid_y0 * dot00) + weight_x1 * (valid_y1 * dot11 - valid_y0 * dot01)
+    grad_locations = torch.stack((slope_x * width, slope_y * height), dim=-1) * attention_weights.unsqueeze(-1)
+    return grad_rows.view_as(value), grad_locations, grad_weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom op: opaque to torch.compile, autograd via register_autograd.
+
+
+@torch.library.custom_op("ddetr::msda_cpu_forward", mutates_args=(), device_types="cpu")
+def _forward_op(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    forward = _cpp_forward if _resolve_backend(backend) == "cpp" else _torch_forward
+    return forward(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@_forward_op.register_fake
+def _forward_fake(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    batch, _, heads, head_dim = value.shape
+    return value.new_empty(batch, sampling_locations.shape[1], heads * head_dim)
+
+
+@torch.library.custom_op("ddetr::msda_cpu_backward", mutates_args=(), device_types="cpu")
+def _backward_op(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backward = _cpp_backward if _resolve_backend(backend) == "cpp" else _torch_backward
+    return backward(grad_output.contiguous(), value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@_backward_op.register_fake
+def _backward_fake(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    value, spatial_shapes, sampling_locations, attention_weights, backend = inputs
+    ctx.save_for_backward(value, sampling_locations, attention_weights)
+    ctx.spatial_shapes = spatial_shapes
+    ctx.backend = backend
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:
+    value, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = _backward_op(
+        grad_output, value, ctx.spatial_shapes, sampling_locations, attention_weights, ctx.backend
+    )
+    return grad_value, None, grad_locations, grad_weights, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def _check_inputs(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> None:
+    if value.dim() != 4:
+        raise ValueError(f"value must be (batch, sequence, heads, head_dim), got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "sampling_locations must be (batch, queries, heads, levels, points, 2), "
+            f"got shape {tuple(sampling_locations.shape)}"
+        )
+    batch, sequence, heads, _ = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    if sampling_locations.shape[0] != batch or sampling_locations.shape[2] != heads:
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} disagrees with value {tuple(value.shape)} "
+            "on batch or heads"
+        )
+    if tuple(attention_weights.shape) != (batch, queries, heads, levels, points):
+        raise ValueError(
+            f"attention_weights must have shape {(batch, queries, heads, levels, points)}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    if len(spatial_shapes) != levels:
+        raise ValueError(f"{len(spatial_shapes)} spatial shapes given for {levels} levels")
+    if sum(height * width for height, width in spatial_shapes) != sequence:
+        raise ValueError(f"spatial_shapes {spatial_shapes} do not cover the value sequence of {sequence}")
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations), ("weights", attention_weights)):
+        if tensor.device.type != "cpu":
+            raise ValueError(f"{name} is on {tensor.device}; this implementation is CPU-only")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+
+
+def ms_deform_attn_cpu(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-scale deformable attention on CPU, same contract and numerics as ``ms_deform_attn_reference``.
+
+    ``backend`` is ``"auto"`` (compiled kernel when available), ``"cpp"`` (compiled kernel or RuntimeError) or
+    ``"torch"`` (pure PyTorch). Returns (batch, queries, heads * head_dim) in the dtype of ``value``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    shapes = [(int(height), int(width)) for height, width in spatial_shapes]
+    _check_inputs(value, shapes, sampling_locations, attention_weights)
+    # float64 stays exact for gradcheck; everything else (bf16, fp16, fp32) is sampled in float32.
+    compute_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    output = _forward_op(
+        value.to(compute_dtype).contiguous(),
+        [size for shape in shapes for size in shape],
+        sampling_locations.to(compute_dtype).contiguous(),
+        attention_weights.to(compute_dtype).contiguous(),
+        backend,
+    )
+    return output.to(value.dtype)
+
+
+register_implementation("cpu", ms_deform_attn_cpu)

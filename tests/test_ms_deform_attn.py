@@ -1,0 +1,223 @@
+"""Multi-scale deformable attention: fast CPU paths against the grid_sample reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ddetr.ops import ms_deform_attn, ms_deform_attn_reference, select_implementation
+from ddetr.ops import ms_deform_attn_cpu as msda_cpu
+from ddetr.ops.ms_deform_attn_cpu import ms_deform_attn_cpu
+
+BACKENDS = ["cpp", "torch"]
+
+
+def _require(backend: str) -> None:
+    if backend == "cpp" and msda_cpu.load_cpp_extension() is None:
+        pytest.skip("no C++ compiler: the compiled kernel is unavailable here")
+
+
+def _inputs(
+    batch: int,
+    queries: int,
+    heads: int,
+    head_dim: int,
+    spatial_shapes: list[tuple[int, int]],
+    points: int,
+    dtype: torch.dtype = torch.float64,
+    margin: float = 0.3,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    sequence = sum(height * width for height, width in spatial_shapes)
+    levels = len(spatial_shapes)
+    # (batch, sequence, heads, head_dim)
+    value = torch.randn(batch, sequence, heads, head_dim, generator=generator, dtype=dtype)
+    # (batch, queries, heads, levels, points, 2); the margin puts a good share of points partly or fully outside
+    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=generator, dtype=dtype)
+    locations = locations * (1 + 2 * margin) - margin
+    # (batch, queries, heads, levels, points)
+    logits = torch.randn(batch, queries, heads, levels * points, generator=generator, dtype=dtype)
+    weights = logits.softmax(-1).view(batch, queries, heads, levels, points)
+    return value, spatial_shapes, locations, weights
+
+
+def _outputs_and_grads(function, value, spatial_shapes, locations, weights, grad_output=None):
+    leaves = [tensor.detach().requires_grad_(True) for tensor in (value, locations, weights)]
+    output = function(leaves[0], spatial_shapes, leaves[1], leaves[2])
+    if grad_output is None:
+        grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=output.dtype)
+    grads = torch.autograd.grad(output, leaves, grad_output)
+    return output, grads
+
+
+def _assert_matches_reference(backend, value, spatial_shapes, locations, weights, rtol=1e-10, atol=1e-10):
+    expected, expected_grads = _outputs_and_grads(ms_deform_attn_reference, value, spatial_shapes, locations, weights)
+    actual, actual_grads = _outputs_and_grads(
+        lambda *args: ms_deform_attn_cpu(*args, backend=backend), value, spatial_shapes, locations, weights
+    )
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    for name, got, want in zip(("value", "locations", "weights"), actual_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+CASES = {
+    # batch, queries, heads, head_dim, spatial shapes, points
+    "one-level": (1, 7, 2, 32, [(6, 5)], 3),
+    "odd-sizes": (2, 9, 3, 5, [(7, 5), (3, 9), (1, 1)], 2),
+    "four-levels-d64": (2, 11, 2, 64, [(8, 10), (4, 5), (2, 3), (1, 2)], 4),
+    "one-head": (1, 13, 1, 32, [(5, 4), (2, 2)], 4),  # fewer (batch, head) tasks than threads: chunked backward
+    "self-attention": (2, 54, 4, 8, [(6, 7), (3, 4)], 2),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_reference_float64(backend: str, case: str) -> None:
+    _require(backend)
+    _assert_matches_reference(backend, *_inputs(*CASES[case]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_points_far_outside_and_on_borders(backend: str) -> None:
+    _require(backend)
+    spatial_shapes = [(4, 8), (2, 2)]
+    value, _, locations, weights = _inputs(1, 4, 2, 32, spatial_shapes, 6)
+    for level, (height, width) in enumerate(spatial_shapes):
+        # Pixel coordinates loc * size - 0.5 at the edges: -1 (outer rim of the zero padding: zero value, non-zero
+        # gradient), -0.5, 0, size - 1, size - 0.5, size. Dyadic, so exact in both implementations.
+        # (points=6,) each
+        x = (torch.tensor([-1.0, -0.5, 0.0, width - 1.0, width - 0.5, float(width)]) + 0.5) / width
+        y = (torch.tensor([-1.0, -0.5, 0.0, height - 1.0, height - 0.5, float(height)]) + 0.5) / height
+        locations[0, 0, :, level] = torch.stack((x, y), dim=-1).double()
+        locations[0, 1, :, level] = torch.stack((x, torch.full_like(y, 0.5)), dim=-1).double()
+        locations[0, 2, :, level] = torch.stack((torch.full_like(x, 0.3), y.flip(0)), dim=-1).double()
+    # Far away, including beyond int32 pixel coordinates.
+    locations[0, 3, 0] = 1e6
+    locations[0, 3, 1, :, :, 1] = -3e9
+    _assert_matches_reference(backend, value, spatial_shapes, locations, weights)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend: str) -> None:
+    _require(backend)
+    value, spatial_shapes, locations, weights = _inputs(2, 6, 3, 4, [(5, 3), (2, 2)], 2)
+    value_t = value.transpose(2, 3).contiguous().transpose(2, 3)  # same values, non-contiguous strides
+    locations_t = locations.permute(1, 0, 2, 3, 4, 5).contiguous().permute(1, 0, 2, 3, 4, 5)
+    weights_t = weights.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not (value_t.is_contiguous() or locations_t.is_contiguous() or weights_t.is_contiguous())
+    _assert_matches_reference(backend, value_t, spatial_shapes, locations_t, weights_t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_matches_reference(backend: str) -> None:
+    _require(backend)
+    inputs = _inputs(2, 40, 8, 32, [(12, 10), (6, 5), (3, 3)], 4, dtype=torch.float32)
+    _assert_matches_reference(backend, *inputs, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_reference() -> None:
+    value, spatial_shapes, locations, weights = _inputs(1, 3, 2, 3, [(3, 4), (2, 1)], 2, margin=0.1)
+    leaves = tuple(tensor.requires_grad_(True) for tensor in (value, locations, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn_reference(v, spatial_shapes, loc, w), leaves, eps=1e-6, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_fast(backend: str) -> None:
+    _require(backend)
+    value, spatial_shapes, locations, weights = _inputs(2, 3, 2, 3, [(3, 4), (2, 1)], 2, margin=0.1)
+    leaves = tuple(tensor.requires_grad_(True) for tensor in (value, locations, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn_cpu(v, spatial_shapes, loc, w, backend=backend), leaves, eps=1e-6, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_inputs(backend: str) -> None:
+    _require(backend)
+    value, spatial_shapes, locations, weights = _inputs(1, 10, 2, 32, [(6, 6), (3, 3)], 4, dtype=torch.float32)
+    expected = ms_deform_attn_reference(value.bfloat16().float(), spatial_shapes, locations, weights)
+    # bf16 value with fp32 locations and weights: the usual autocast situation
+    value_bf16 = value.bfloat16().requires_grad_(True)
+    locations = locations.requires_grad_(True)
+    output = ms_deform_attn_cpu(value_bf16, spatial_shapes, locations, weights, backend=backend)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), expected, rtol=2e-2, atol=2e-2)
+    output.float().sum().backward()
+    assert value_bf16.grad is not None and value_bf16.grad.dtype == torch.bfloat16
+    assert locations.grad is not None and locations.grad.dtype == torch.float32
+    # everything bf16 still works (sampled in fp32 internally)
+    output_all = ms_deform_attn_cpu(value.bfloat16(), spatial_shapes, locations.bfloat16(), weights.bfloat16())
+    torch.testing.assert_close(output_all.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+def test_dispatcher_uses_fast_path_on_cpu() -> None:
+    assert select_implementation("cpu") is ms_deform_attn_cpu
+    assert select_implementation(torch.device("cpu"), "reference") is ms_deform_attn_reference
+    value, spatial_shapes, locations, weights = _inputs(1, 5, 2, 4, [(3, 3)], 2)
+    torch.testing.assert_close(
+        ms_deform_attn(value, spatial_shapes, locations, weights),
+        ms_deform_attn(value, spatial_shapes, locations, weights, implementation="reference"),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend: str) -> None:
+    _require(backend)
+    value, spatial_shapes, locations, weights = _inputs(1, 6, 2, 4, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+
+    def layer(v: torch.Tensor, loc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.relu(ms_deform_attn_cpu(v * 2, spatial_shapes, loc, w.softmax(-1), backend=backend)) + 1
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    inputs = (value, None, locations, weights)
+    expected, expected_grads = _outputs_and_grads(lambda v, _, loc, w: layer(v, loc, w), *inputs)
+    actual, actual_grads = _outputs_and_grads(lambda v, _, loc, w: compiled(v, loc, w), *inputs)
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_invalid_inputs_raise_value_error() -> None:
+    value, spatial_shapes, locations, weights = _inputs(1, 5, 2, 4, [(3, 3)], 2)
+    with pytest.raises(ValueError, match="do not cover"):
+        ms_deform_attn_cpu(value, [(3, 4)], locations, weights)
+    with pytest.raises(ValueError, match="levels"):
+        ms_deform_attn_cpu(value, [(3, 3), (1, 1)], locations, weights)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn_cpu(value, spatial_shapes, locations, weights[..., :1])
+    with pytest.raises(ValueError, match="value must be"):
+        ms_deform_attn_cpu(value[0], spatial_shapes, locations, weights)
+    with pytest.raises(ValueError, match="floating-point"):
+        ms_deform_attn_cpu(value.long(), spatial_shapes, locations, weights)
+    with pytest.raises(ValueError, match="backend"):
+        ms_deform_attn_cpu(value, spatial_shapes, locations, weights, backend="cuda")
+
+
+def test_build_failure_falls_back_to_pure_path(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(msda_cpu, "_kernels", None)
+    monkeypatch.setattr(msda_cpu, "_load_attempted", False)
+    monkeypatch.setenv("DDETR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(msda_cpu, "_compiler", lambda: str(tmp_path / "no-such-compiler"))
+    value, spatial_shapes, locations, weights = _inputs(1, 5, 2, 4, [(3, 3)], 2)
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch"):
+        output = ms_deform_attn_cpu(value, spatial_shapes, locations, weights)
+    torch.testing.assert_close(output, ms_deform_attn_reference(value, spatial_shapes, locations, weights))
+    # warned once, then silently on the pure path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ms_deform_attn_cpu(value, spatial_shapes, locations, weights)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        ms_deform_attn_cpu(value, spatial_shapes, locations, weights, backend="cpp")
+
+
+def test_environment_variable_selects_pure_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DDETR_MSDA_CPU_BACKEND", "torch")
+    assert msda_cpu._resolve_backend("auto") == "torch"
+    monkeypatch.setenv("DDETR_MSDA_CPU_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="DDETR_MSDA_CPU_BACKEND"):
+        msda_cpu._resolve_backend("auto")
