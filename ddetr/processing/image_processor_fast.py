@@ -204,10 +204,15 @@ class DeformableDetrImageProcessorFast(DeformableDetrImageProcessorBase):
                 "cannot be stacked; enable do_pad or process them one at a time"
             )
         scale, offset = (torch.from_numpy(v).to(device)[:, None, None] for v in settings.scale_and_offset(num_channels))
-        pixel_values = torch.zeros((len(items), num_channels, *canvas), dtype=torch.float32, device=device)
+        pixel_values = torch.empty((len(items), num_channels, *canvas), dtype=torch.float32, device=device)
         for index, tensor in enumerate(resized):
             height, width = sizes[index]
-            torch.addcmul(-offset, tensor.to(torch.float32), scale, out=pixel_values[index, :, :height, :width])
+            # Written in place (uint8 * float promotes into the float32 canvas) with only the padding zeroed:
+            # each full-canvas temporary costs as much as the arithmetic itself.
+            image = pixel_values[index, :, :height, :width]
+            torch.mul(tensor, scale, out=image).sub_(offset)
+            pixel_values[index, :, height:, :].zero_()
+            pixel_values[index, :, :height, width:].zero_()
         data = BatchFeature(pixel_values=pixel_values)
         if settings.do_pad:
             pixel_mask = torch.zeros((len(items), *canvas), dtype=torch.int64, device=device)
@@ -244,7 +249,7 @@ class DeformableDetrImageProcessorFast(DeformableDetrImageProcessorBase):
             groups[(tuple(tensor.shape), tensor.dtype, sizes[index])].append(index)
         resized: list[torch.Tensor | None] = [None] * len(tensors)
         for (_, _, size), indices in groups.items():
-            batch = torch.stack([tensors[i] for i in indices])
+            batch = tensors[indices[0]][None] if len(indices) == 1 else torch.stack([tensors[i] for i in indices])
             for i, image in zip(indices, resize_batch(batch, size, settings.resample)):
                 resized[i] = image
         return resized  # type: ignore[return-value]
