@@ -499,8 +499,13 @@ def test_saved_config_loads_in_transformers(tmp_path, photos):
     ours.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert stored["image_processor_type"] == "DeformableDetrImageProcessor"
+    # The class named in the file (it falls back to the PIL backend when torchvision is absent) and the auto class.
+    for loaded in (
+        transformers.DeformableDetrImageProcessor.from_pretrained(tmp_path),
+        transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil"),
+    ):
+        assert dict(loaded.size)["shortest_edge"] == 600 and list(loaded.image_mean) == [0.5, 0.4, 0.3]
     theirs = DeformableDetrImageProcessorPil.from_pretrained(tmp_path)
-    assert dict(theirs.size)["shortest_edge"] == 600 and list(theirs.image_mean) == [0.5, 0.4, 0.3]
     image = photos[0] if photos else PIL.Image.new("RGB", (64, 48), (10, 200, 30))
     expected = theirs(image, return_tensors="pt")["pixel_values"]
     reloaded = DeformableDetrImageProcessor.from_pretrained(tmp_path)
@@ -556,3 +561,13 @@ def test_load_image_for_display_is_oriented_rgb(tmp_path):
     image.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
     loaded = load_image(tmp_path / "rotated.jpg")
     assert loaded.mode == "RGB" and loaded.size == (30, 50)
+
+
+def test_image_without_objects_gives_empty_labels(reference, slow, fast):
+    image = np.zeros((20, 30, 3), dtype=np.uint8)
+    annotation = {"image_id": 4, "annotations": []}
+    theirs = reference(image, annotations=annotation, return_tensors="pt")["labels"][0]
+    for processor in (slow, fast):
+        ours = processor(image, annotations=annotation)["labels"][0]
+        for key in ("class_labels", "boxes", "area", "iscrowd", "image_id", "orig_size"):
+            assert ours[key].shape == theirs[key].shape and ours[key].dtype == theirs[key].dtype, key
