@@ -1,0 +1,96 @@
+"""Deformable DETR demo: live detection and point-and-click fine-tuning (Gradio 6).
+
+Run ``python app.py`` and open http://127.0.0.1:7860 (GRADIO_SERVER_NAME and GRADIO_SERVER_PORT are honoured);
+``python app.py --model DIR_OR_REPO`` starts with another model; ``python app.py --help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from app_support.detect_tab import DetectTab
+from app_support.detector_cache import DetectorCache
+from app_support.downloads import DownloadFolder
+from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, queue_options
+from app_support.models import ModelRegistry
+from app_support.paths import REPO_ROOT, AppPaths
+
+TITLE = "Deformable DETR: detect and fine-tune"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: str | None = None
+    models_dir: Path | None = None
+    data_dir: Path | None = None
+    runs_dir: Path | None = None
+    max_loaded_models: int = 2
+
+
+def example_images(paths: AppPaths) -> dict[str, list[Path]]:
+    def images(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+    return {
+        "Shapes (for the bundled shapes model)": images(paths.examples / "shapes"),
+        "Photos (for the COCO models)": images(paths.examples / "photos"),
+    }
+
+
+def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
+    """Build the Blocks app (not launched) and the folders it uses."""
+    limit_pillow()
+    paths = AppPaths.from_root(REPO_ROOT, models=config.models_dir, data=config.data_dir, runs=config.runs_dir)
+    registry = ModelRegistry(paths.models, cli_model=config.model)
+    detectors = DetectorCache(max_loaded=config.max_loaded_models)
+    detect_tab = DetectTab(registry, detectors, DownloadFolder(paths.scratch("downloads")))
+
+    with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
+        gr.Markdown(f"# {TITLE}")
+        with gr.Tabs(selected="detect") as tabs:
+            with gr.Tab("Detect", id="detect"):
+                detect = detect_tab.build(example_images(paths))
+            with gr.Tab("Fine-tune", id="finetune"):
+                gr.Markdown("Fine-tuning is not available yet.")
+        demo.load(
+            detect_tab.select_model,
+            [detect["model"]],
+            [detect["model_info"], detect["classes"]],
+            api_name="ui_initial_model",
+            api_visibility="private",
+        )
+    del tabs
+    return demo, paths
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory or hub repo id to start the Detect tab with")
+    parser.add_argument("--models-dir", type=Path, help="allow-listed folder of model directories (default: models/)")
+    parser.add_argument("--data-dir", type=Path, help="allow-listed folder of datasets (default: data/)")
+    parser.add_argument("--runs-dir", type=Path, help="where fine-tuning runs are written (default: runs/)")
+    parser.add_argument("--share", action="store_true", help="create a temporary public gradio.live link")
+    parser.add_argument("--host", help="address to bind (default: GRADIO_SERVER_NAME or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: GRADIO_SERVER_PORT or the first free from 7860)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    config = AppConfig(model=args.model, models_dir=args.models_dir, data_dir=args.data_dir, runs_dir=args.runs_dir)
+    demo, paths = create_app(config)
+    demo.queue(**queue_options()).launch(
+        **launch_options(paths, server_name=args.host, server_port=args.port, share=args.share)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""The Detect tab: pick a model, give an image, read boxes; sliders re-filter cached results without the model.
+
+``DetectTab`` holds the event handlers as plain methods (tests call them directly) and ``build`` lays out the
+components and wires the events. Per-visitor results live in a ``gr.State`` (``DetectionView``); loaded models are
+shared by all visitors through the ``DetectorCache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import PIL.Image
+
+from app_support.detection import TABLE_HEADERS, Candidates, Detection, find_candidates, select, table_rows
+from app_support.detector_cache import Detector, DetectorCache
+from app_support.downloads import DownloadFolder
+from app_support.drawing import display_copy, draw_detections
+from app_support.errors import user_errors
+from app_support.models import ModelChoice, ModelRegistry, NoModelAvailableError
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MAX_DETECTIONS = 100
+# "model default" keeps the checkpoint's own preprocessing (800 px for the SenseTime checkpoints).
+RESOLUTIONS: tuple[tuple[str, int], ...] = (
+    ("model default", 0),
+    ("320 px", 320),
+    ("480 px", 480),
+    ("640 px", 640),
+    ("800 px", 800),
+    ("1024 px", 1024),
+)
+INFERENCE_GROUP = "inference"  # one forward pass at a time: on a 2-core Space, parallel passes only thrash
+
+
+@dataclass
+class DetectionView:
+    """What one visitor's last detection left behind: enough to re-filter and re-draw without the model."""
+
+    candidates: Candidates
+    display: PIL.Image.Image
+    scale: float
+    id2label: dict[int, str]
+
+
+@dataclass
+class DetectOutputs:
+    """Everything the tab shows for one set of detections."""
+
+    image: PIL.Image.Image | None
+    rows: list[list[Any]]
+    json_file: str | None
+    summary: str
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return self.image, self.rows, self.json_file, self.summary
+
+
+def describe_model(choice: ModelChoice, detector: Detector) -> str:
+    labels = [name for _, name in sorted(detector.model.config.id2label.items()) if not name.startswith("N/A")]
+    shown = ", ".join(labels[:40]) + (f", … ({len(labels) - 40} more)" if len(labels) > 40 else "")
+    return f"**Active model:** {choice.label} · {len(labels)} classes  \n**Classes:** {shown}"
+
+
+def class_names(detector: Detector) -> list[str]:
+    return sorted({name for name in detector.model.config.id2label.values() if not name.startswith("N/A")})
+
+
+class DetectTab:
+    def __init__(self, registry: ModelRegistry, detectors: DetectorCache, downloads: DownloadFolder) -> None:
+        self.registry = registry
+        self.detectors = detectors
+        self.downloads = downloads
+
+    # -- event handlers ----------------------------------------------------------------------------------------- #
+
+    def _choice(self, model_key: str | None) -> ModelChoice:
+        return self.registry.get(model_key) if model_key else self.registry.default()
+
+    def default_key(self) -> str | None:
+        try:
+            return self.registry.default().key
+        except NoModelAvailableError:
+            return None
+
+    @user_errors
+    def refresh_models(self, current: str | None) -> Any:
+        choices = self.registry.dropdown_choices()
+        keys = [key for _, key in choices]
+        return gr.update(choices=choices, value=current if current in keys else self.default_key())
+
+    @user_errors
+    def select_model(self, model_key: str | None) -> tuple[str, Any]:
+        """Load the picked model (once; it stays cached) and show its name and classes."""
+        try:
+            choice = self._choice(model_key)
+        except NoModelAvailableError as error:
+            return f"**No model loaded.** {error}", gr.update(choices=[], value=[])
+        detector = self.detectors.get(choice)
+        return describe_model(choice, detector), gr.update(choices=class_names(detector), value=[])
+
+    @user_errors
+    def detect(
+        self,
+        image_path: str | None,
+        model_key: str | None,
+        shortest_edge: int | None,
+        threshold: float,
+        max_detections: int,
+        classes: list[str] | None,
+    ) -> tuple[Any, ...]:
+        """Run the model once on the image and show the filtered result; returns the outputs plus the new state."""
+        if not image_path:
+            return (
+                *DetectOutputs(None, [], None, "Upload an image, take a webcam photo or paste one.").as_tuple(),
+                None,
+            )
+        choice = self._choice(model_key)
+        detector = self.detectors.get(choice)
+        picture = detector.processor.load_image(image_path)
+        candidates = find_candidates(
+            detector, picture, shortest_edge=int(shortest_edge) if shortest_edge else None, model_label=choice.label
+        )
+        display, scale = display_copy(picture)
+        view = DetectionView(candidates, display, scale, dict(detector.model.config.id2label))
+        return (*self._render(view, threshold, max_detections, classes).as_tuple(), view)
+
+    @user_errors
+    def refilter(
+        self, view: DetectionView | None, threshold: float, max_detections: int, classes: list[str] | None
+    ) -> tuple[Any, ...]:
+        """Apply new slider/filter values to the cached candidates; the model is not involved."""
+        if view is None:
+            return DetectOutputs(None, [], None, "Upload an image to detect objects.").as_tuple()
+        return self._render(view, threshold, max_detections, classes).as_tuple()
+
+    def _render(
+        self, view: DetectionView, threshold: float, max_detections: int, classes: list[str] | None
+    ) -> DetectOutputs:
+        detections = select(view.candidates, threshold, max_detections, classes)
+        annotated = draw_detections(view.display, detections, scale=view.scale, id2label=view.id2label)
+        json_file = self.downloads.write_json(detections)
+        return DetectOutputs(annotated, table_rows(detections), str(json_file), self._summary(view, detections))
+
+    @staticmethod
+    def _summary(view: DetectionView, detections: list[Detection]) -> str:
+        candidates = view.candidates
+        count = len(detections)
+        noun = "detection" if count == 1 else "detections"
+        height, width = candidates.input_size
+        return (
+            f"**{count} {noun}** · model time {candidates.seconds * 1000:.0f} ms at {width}×{height} px "
+            f"({candidates.model_label})"
+        )
+
+    @user_errors
+    def api_detect(
+        self, image_path: str | None, threshold: float = DEFAULT_THRESHOLD, max_detections: float = 100, model: str = ""
+    ) -> list[Detection]:
+        """The ``/detect`` endpoint: detections in the hub's object-detection schema."""
+        if not image_path:
+            raise ValueError("no image was given")
+        choice = self._choice(model or None)
+        detector = self.detectors.get(choice)
+        picture = detector.processor.load_image(image_path)
+        candidates = find_candidates(detector, picture, model_label=choice.label)
+        return select(candidates, threshold, int(max_detections))
+
+    # -- layout ------------------------------------------------------------------------------------------------- #
+
+    def build(self, examples: dict[str, list[Path]]) -> dict[str, gr.components.Component]:
+        """Create the tab's components inside the current ``gr.Tab`` and wire their events."""
+        initial_key = self.default_key()
+        with gr.Row():
+            model = gr.Dropdown(
+                self.registry.dropdown_choices(), value=initial_key, label="Model", scale=4, elem_id="model-picker"
+            )
+            refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
+        model_info = gr.Markdown(elem_id="model-info")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,  # decoding (and rejecting bad files) is ddetr's job, with its own messages
+                    sources=["upload", "webcam", "clipboard"],
+                    label="Image",
+                    elem_id="detect-input",
+                )
+                with gr.Row():
+                    threshold = gr.Slider(
+                        0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Score threshold", elem_id="threshold"
+                    )
+                    max_detections = gr.Slider(
+                        1, 300, value=DEFAULT_MAX_DETECTIONS, step=1, label="Max detections", elem_id="max-detections"
+                    )
+                with gr.Row():
+                    classes = gr.Dropdown([], value=[], multiselect=True, label="Show only these classes (empty: all)")
+                    resolution = gr.Dropdown(
+                        list(RESOLUTIONS), value=0, label="Inference resolution (shortest edge)", elem_id="resolution"
+                    )
+                detect_button = gr.Button("Detect", variant="primary", elem_id="detect-button")
+                for title, paths in examples.items():
+                    if paths:
+                        gr.Examples([[str(p)] for p in paths], inputs=[image], label=title, examples_per_page=8)
+            with gr.Column(scale=1):
+                annotated = gr.Image(label="Detections", format="png", interactive=False, elem_id="detect-output")
+                summary = gr.Markdown(elem_id="detect-summary")
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections table", interactive=False)
+                json_file = gr.File(label="Detections (JSON, hub object-detection schema)", interactive=False)
+        view = gr.State(None, time_to_live=3600)
+
+        outputs = [annotated, table, json_file, summary]
+        detect_inputs = [image, model, resolution, threshold, max_detections, classes]
+        run = {"fn": self.detect, "inputs": detect_inputs, "outputs": [*outputs, view]}
+        queue_options = {"concurrency_id": INFERENCE_GROUP, "concurrency_limit": 1}
+        # UI-only events are private, with their own names so that "detect" stays free for the public endpoint.
+        private = {"api_visibility": "private"}
+        image.change(**run, **queue_options, **private, api_name="ui_detect_on_image")
+        detect_button.click(**run, **queue_options, **private, api_name="ui_detect_on_click")
+        resolution.change(**run, **queue_options, **private, api_name="ui_detect_on_resolution")
+        model.change(self.select_model, [model], [model_info, classes], **private, api_name="ui_select_model").then(
+            **run, **queue_options, **private, api_name="ui_detect_on_model"
+        )
+        refresh.click(self.refresh_models, [model], [model], **private, api_name="ui_refresh_models")
+        for name, control in (("threshold", threshold), ("max", max_detections), ("classes", classes)):
+            control.change(
+                self.refilter,
+                [view, threshold, max_detections, classes],
+                outputs,
+                trigger_mode="always_last",
+                show_progress="hidden",
+                concurrency_id="refilter",
+                concurrency_limit=4,
+                api_name=f"ui_refilter_{name}",
+                **private,
+            )
+
+        # The public API: hidden components, so API calls neither need nor disturb the visible page.
+        with gr.Row(visible=False):
+            api_image = gr.Image(type="filepath", image_mode=None, label="image")
+            api_threshold = gr.Number(DEFAULT_THRESHOLD, label="threshold", minimum=0.0, maximum=1.0)
+            api_max = gr.Number(DEFAULT_MAX_DETECTIONS, label="max_detections", precision=0, minimum=1, maximum=300)
+            api_model = gr.Textbox("", label="model")
+            api_result = gr.JSON(label="detections")
+            api_trigger = gr.Button("detect")
+        api_trigger.click(
+            self.api_detect,
+            [api_image, api_threshold, api_max, api_model],
+            api_result,
+            api_name="detect",
+            api_description="Detect objects: returns [{score, label, box: {xmin, ymin, xmax, ymax}}].",
+            **queue_options,
+        )
+        return {"model": model, "model_info": model_info, "classes": classes, "image": image, "threshold": threshold}
