@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -19,7 +20,14 @@ def looks_like_repo_id(name: str) -> bool:
 
 
 def resolve_file(
-    path_or_repo_id: str | os.PathLike, filename: str, revision: str | None = None, required: bool = True
+    path_or_repo_id: str | os.PathLike,
+    filename: str,
+    revision: str | None = None,
+    required: bool = True,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
 ) -> Path | None:
     """Return a local path to ``filename`` of a checkpoint directory or hub repo.
 
@@ -37,27 +45,43 @@ def resolve_file(
     name = str(path_or_repo_id)
     if not looks_like_repo_id(name):
         raise CheckpointNotFoundError(f"{name!r} is neither a local directory nor a hub repo id")
-    return _hub_file(name, filename, revision, required)
+    options = {"revision": revision, "cache_dir": cache_dir, "token": token}
+    return _hub_file(name, filename, options, required, local_files_only)
 
 
-def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool) -> Path | None:
+def _how_to_provide(repo_id: str) -> str:
+    return (
+        f"Download it where the hub is reachable (`hf download {repo_id}`) and copy the cache, or pass a local "
+        "directory holding the checkpoint files (config.json, model.safetensors, preprocessor_config.json)."
+    )
+
+
+def _hub_file(
+    repo_id: str, filename: str, options: dict[str, Any], required: bool, local_files_only: bool
+) -> Path | None:
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     # Cache first: works offline and avoids a network round trip for every file.
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, local_files_only=True, **options))
     except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError):
         pass
     except ValueError:  # raised by some versions for an invalid repo id
         raise CheckpointNotFoundError(f"{repo_id!r} is not a valid hub repo id") from None
+    if local_files_only:
+        if not required:
+            return None
+        raise CheckpointNotFoundError(
+            f"{filename!r} of hub repo {repo_id!r} is not in the local cache (local_files_only=True). "
+            + _how_to_provide(repo_id)
+        )
     unreachable = (
         f"could not get {filename!r} of hub repo {repo_id!r}: the hub is unreachable (or HF_HUB_OFFLINE is set) and "
-        f"the file is not in the local cache. Download it where the hub is reachable (`hf download {repo_id}`) and "
-        "copy the cache, or pass a local directory holding config.json and model.safetensors."
+        f"the file is not in the local cache. {_how_to_provide(repo_id)}"
     )
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision))
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, **options))
     except LocalEntryNotFoundError as error:  # offline: a subclass of EntryNotFoundError, so caught first
         if not required:
             return None

@@ -75,10 +75,10 @@ class ObjectDetectionPipeline:
                     "score": round(float(score), 4),
                     "label": id2label.get(int(label), str(label)),
                     "box": {
-                        "xmin": int(round(min(max(x0, 0.0), width))),
-                        "ymin": int(round(min(max(y0, 0.0), height))),
-                        "xmax": int(round(min(max(x1, 0.0), width))),
-                        "ymax": int(round(min(max(y1, 0.0), height))),
+                        "xmin": round(min(max(x0, 0.0), width)),
+                        "ymin": round(min(max(y0, 0.0), height)),
+                        "xmax": round(min(max(x1, 0.0), width)),
+                        "ymax": round(min(max(y1, 0.0), height)),
                     },
                 }
             )

@@ -12,7 +12,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from ddetr.hub import resolve_file
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 IMAGE_PROCESSOR_TYPE = "DeformableDetrImageProcessor"
@@ -53,26 +55,18 @@ def resolve_config_file(
         if not candidate.is_file():
             raise OSError(f"{path} has no {PREPROCESSOR_CONFIG_NAME}; save one with save_pretrained({str(path)!r})")
         return candidate
-    repo_id = str(pretrained_model_name_or_path)
-    try:
-        from huggingface_hub import hf_hub_download
-
-        downloaded = hf_hub_download(
-            repo_id,
+    # required=True: resolve_file raises instead of returning None.
+    return cast(
+        Path,
+        resolve_file(
+            pretrained_model_name_or_path,
             PREPROCESSOR_CONFIG_NAME,
             revision=revision,
             cache_dir=cache_dir,
-            local_files_only=local_files_only,
             token=token,
-        )
-    except Exception as error:
-        raise OSError(
-            f"could not get {PREPROCESSOR_CONFIG_NAME} of {repo_id!r} from the Hugging Face Hub and it is not in the "
-            f"local cache ({type(error).__name__}: {error}). If you are offline, download the repo elsewhere (e.g. "
-            f"`hf download {repo_id}`) and copy it into the cache, or pass the path of a local directory that "
-            f"contains {PREPROCESSOR_CONFIG_NAME}."
-        ) from None
-    return Path(downloaded)
+            local_files_only=local_files_only,
+        ),
+    )
 
 
 def read_config(config_file: str | os.PathLike) -> dict[str, Any]:
