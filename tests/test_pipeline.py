@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import time
 
 import numpy as np
 import pytest
@@ -81,3 +83,42 @@ def test_bad_inputs_raise_the_project_error(detector_dir):
         detector(photo(), threshold=2.0)
     with pytest.raises(ValueError, match="object-detection"):
         ddetr.pipeline("image-classification", model=detector_dir)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from tests.test_image_corpus import CORPUS
+
+    directory = tmp_path_factory.mktemp("pipeline_corpus")
+    for entry in CORPUS:
+        data = entry.build()
+        if data is not None:
+            (directory / entry.name).write_bytes(data)
+    return directory, CORPUS
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
+def test_every_corpus_file_is_detected_on_or_refused(detector_dir, corpus):
+    from tests.test_image_corpus import ACCEPT, EITHER, REJECT
+
+    directory, entries = corpus
+    detector = ddetr.pipeline(model=detector_dir, threshold=0.0, top_k=5)
+    detector(photo())  # one-off warm-up costs are not what the limit is about
+    outcomes = {}
+    for entry in entries:
+        started = time.perf_counter()
+        try:
+            detections = detector(directory / entry.name)
+            outcome = ACCEPT
+            assert len(detections) == 5 and all(math.isfinite(d["score"]) for d in detections)
+        except ImageInputError as error:
+            outcome = REJECT
+            assert str(error)
+            if "aspect ratio is too extreme" in str(error) and entry.expectation == ACCEPT:
+                outcome = ACCEPT  # extreme aspect ratios collapse to zero rows at this small test resolution
+        elapsed = time.perf_counter() - started
+        assert elapsed < 2.0, f"{entry.name} took {elapsed:.2f} s"
+        if entry.expectation != EITHER:
+            assert outcome == entry.expectation, entry.name
+        outcomes[entry.name] = outcome
+    assert len(outcomes) >= 40 and set(outcomes.values()) == {ACCEPT, REJECT}
