@@ -82,14 +82,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def launch(
+    config: AppConfig = AppConfig(),
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    block: bool = True,
+) -> tuple[gr.Blocks, str]:
+    """Build, queue and launch the app with the hardened settings; returns the app and its local URL.
+
+    ``block=False`` returns once the server is up (tests, notebooks); close it with ``demo.close()``.
+    """
+    demo, paths = create_app(config)
+    _, url, _ = demo.queue(**queue_options()).launch(
+        prevent_thread_lock=not block, **launch_options(paths, server_name=host, server_port=port, share=share)
+    )
+    return demo, url
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     config = AppConfig(model=args.model, models_dir=args.models_dir, data_dir=args.data_dir, runs_dir=args.runs_dir)
-    demo, paths = create_app(config)
-    demo.queue(**queue_options()).launch(
-        **launch_options(paths, server_name=args.host, server_port=args.port, share=args.share)
-    )
+    launch(config, host=args.host, port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

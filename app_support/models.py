@@ -158,8 +158,10 @@ class ModelRegistry:
 
     def _cli_choice(self, model: str) -> ModelChoice:
         path = Path(model).expanduser()
-        source = str(path.resolve()) if path.is_dir() else model
-        return ModelChoice("cli", f"{model} (--model)", source, "cli")
+        if path.is_dir():
+            # Show the folder's name only: visitors have no business learning the server's directory layout.
+            return ModelChoice("cli", f"{path.resolve().name} (--model)", str(path.resolve()), "cli")
+        return ModelChoice("cli", f"{model} (--model)", model, "cli")
 
     def _hub_choices(self) -> list[ModelChoice]:
         cached = [repo for repo in SENSETIME_CHECKPOINTS if hub_cached(repo)]

@@ -1,0 +1,110 @@
+"""End to end in a real browser: Playwright drives Debian's Chromium against the launched app.
+
+Set-up on a fresh Debian machine: ``apt-get install -y chromium`` and ``pip install playwright`` (no browser
+download: the system Chromium is used through ``executable_path``; ``CHROMIUM_PATH`` overrides where it is).
+Screenshots go to ``outputs/app-screenshots/`` (or ``APP_SCREENSHOT_DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app import AppConfig, launch
+from app_support.paths import REPO_ROOT
+from tests.test_app_fixtures import make_tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*", "ignore:The copy keyword is deprecated.*")
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+EXAMPLE = REPO_ROOT / "examples" / "shapes" / "shapes_0.jpg"
+TIMEOUT_MS = 90_000
+
+
+def chromium_path() -> str | None:
+    configured = os.environ.get("CHROMIUM_PATH")
+    if configured:
+        return configured
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def screenshots() -> Path:
+    folder = Path(os.environ.get("APP_SCREENSHOT_DIR", REPO_ROOT / "outputs" / "app-screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    patcher = pytest.MonkeyPatch()
+    patcher.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path_factory.mktemp("browser-app")
+    model = make_tiny_model(root / "model")
+    demo, url = launch(
+        AppConfig(model=str(model), models_dir=root / "models", runs_dir=root / "runs"), host="127.0.0.1", block=False
+    )
+    try:
+        yield url
+    finally:
+        demo.close()
+        patcher.undo()
+
+
+@pytest.fixture(scope="module")
+def page(app_url: str) -> Iterator[object]:
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium found (apt-get install -y chromium, or set CHROMIUM_PATH)")
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: CI containers run as root, where Chromium's sandbox cannot start.
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(app_url)
+        yield page
+        context.close()
+        browser.close()
+
+
+def detection_count(page) -> int:
+    text = page.locator("#detect-summary").inner_text()
+    match = re.search(r"(\d+) detections?", text)
+    assert match, f"no detection count in {text!r}"
+    return int(match.group(1))
+
+
+def test_upload_then_threshold_slider_changes_the_boxes(page, screenshots: Path):
+    page.wait_for_selector("#model-info :text('3 classes')")
+    page.locator("#detect-input input[type=file]").set_input_files(str(EXAMPLE))
+    page.wait_for_selector("#detect-summary :text('detections')")
+    before = detection_count(page)
+    assert before > 0
+    page.screenshot(path=str(screenshots / "01-detect-threshold-0.5.png"), full_page=True)
+
+    # Drag the threshold handle most of the way right, as a user would.
+    track = page.locator("#threshold input[type=range]")
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.wait_for_function(
+        "before => !document.querySelector('#detect-summary').innerText.includes(before + ' detection')", arg=before
+    )
+    after = detection_count(page)
+    assert after < before
+    threshold = float(page.locator("#threshold input[type=number]").input_value())
+    assert threshold > 0.7
+    page.screenshot(path=str(screenshots / "02-detect-threshold-high.png"), full_page=True)

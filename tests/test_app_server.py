@@ -1,0 +1,99 @@
+"""The launched app, driven over HTTP: the /detect API, bad uploads, and what the server refuses to serve."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+import ddetr
+from app import AppConfig, launch
+from app_support.hardening import MAX_UPLOAD, QUEUE_MAX_SIZE
+from app_support.paths import REPO_ROOT
+from tests.test_app_fixtures import make_tiny_model, truncated_png
+
+# Gradio's queue analytics use a pandas option that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*", "ignore:The copy keyword is deprecated.*")
+
+EXAMPLE = REPO_ROOT / "examples" / "shapes" / "shapes_0.jpg"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[tuple[object, str]]:
+    patcher = pytest.MonkeyPatch()
+    patcher.setenv("HF_HUB_OFFLINE", "1")  # hermetic: the model list must not depend on the network
+    root = tmp_path_factory.mktemp("app")
+    config = AppConfig(model=str(tiny_model_dir), models_dir=root / "models", runs_dir=root / "runs")
+    demo, url = launch(config, host="127.0.0.1", block=False)
+    try:
+        yield demo, url
+    finally:
+        demo.close()
+        patcher.undo()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[Client]:
+    _, url = server
+    client = Client(url, verbose=False)
+    yield client
+    client.close()
+
+
+def test_detect_endpoint_returns_hub_schema_detections(client: Client, tiny_model_dir: Path):
+    result = client.predict(handle_file(str(EXAMPLE)), 0.5, api_name="/detect")
+    assert result == ddetr.pipeline(model=tiny_model_dir)(str(EXAMPLE), threshold=0.5)
+    assert result and set(result[0]) == {"score", "label", "box"}
+    assert set(result[0]["box"]) == {"xmin", "ymin", "xmax", "ymax"}
+    fewer = client.predict(handle_file(str(EXAMPLE)), 0.5, 2, api_name="/detect")
+    assert fewer == result[:2]
+
+
+def test_bad_uploads_give_errors_and_the_server_keeps_serving(client: Client, tmp_path: Path):
+    broken = [truncated_png(tmp_path / "cut.png"), tmp_path / "noise.jpg", tmp_path / "page.png"]
+    broken[1].write_bytes(bytes(range(256)) * 40)
+    broken[2].write_text("<html><body>hello</body></html>")
+    for path in broken:
+        with pytest.raises(Exception) as caught:
+            client.predict(handle_file(str(path)), 0.5, api_name="/detect")
+        assert type(caught.value).__name__ == "AppError"
+    assert client.predict(handle_file(str(EXAMPLE)), 0.0, api_name="/detect")  # still serving
+
+
+def test_cannot_pick_an_unlisted_model_over_the_api(client: Client):
+    with pytest.raises(Exception, match="not available"):
+        client.predict(handle_file(str(EXAMPLE)), 0.5, 100, "dir:../../etc", api_name="/detect")
+
+
+def test_server_refuses_files_it_was_not_asked_to_serve(server):
+    _, url = server
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for target in ("/etc/passwd", str(REPO_ROOT / "app.py"), str(REPO_ROOT / ".git" / "config")):
+            response = http.get(f"/gradio_api/file={target}")
+            assert response.status_code in (403, 404), target
+        # With Gradio's default (enable_monitoring=None) /monitoring/summary answers 200 with queue analytics.
+        assert http.get("/monitoring").status_code == 403
+        assert http.get("/monitoring/summary").status_code == 403
+
+
+def test_oversized_uploads_are_rejected(server):
+    _, url = server
+    limit = int(MAX_UPLOAD.removesuffix("mb")) * 1024 * 1024
+    payload = b"\0" * (limit + 1024 * 1024)
+    with httpx.Client(base_url=url, timeout=60) as http:
+        response = http.post("/gradio_api/upload", files={"files": ("big.png", payload, "image/png")})
+    assert response.status_code == 413
+
+
+def test_queue_is_bounded(server):
+    demo, _ = server
+    assert demo._queue.max_size == QUEUE_MAX_SIZE
+    assert demo.max_file_size is not None
