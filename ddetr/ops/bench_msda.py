@@ -80,6 +80,15 @@ def make_inputs(
     return value.to(dtype), shapes, sampling_locations, attention_weights
 
 
+def _reference(
+    value: torch.Tensor, spatial_shapes: list[tuple[int, int]], locations: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    # Sampled in float32 like the fast paths. Also, grid_sample in bfloat16 on the reference's non-contiguous
+    # per-level views segfaulted on CPU with torch 2.13 for the decoder case.
+    output = ms_deform_attn_reference(value.float(), spatial_shapes, locations.float(), weights.float())
+    return output.to(value.dtype)
+
+
 def _time_forward(function: Callable, inputs: tuple) -> float:
     with torch.no_grad():
         start = time.perf_counter()
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     implementations: dict[str, Callable] = {}
     for name in args.implementations:
         if name == "reference":
-            implementations[name] = ms_deform_attn_reference
+            implementations[name] = _reference
         elif name == "cpp":
             if cpp_extension_path() is None:
                 print("cpp: kernel unavailable, skipped")

@@ -12,8 +12,9 @@ Two backends share one ``torch.library`` custom op (so ``torch.compile`` treats 
              attention) fed to ``F.embedding_bag(mode="sum")``, a fused gather + weighted sum that never materialises
              the sampled values. Used when the compiler is missing or the build fails (a warning is emitted once).
 
-``"auto"`` picks ``"cpp"`` when it builds and loads, else ``"torch"``; the environment variable
-``DDETR_MSDA_CPU_BACKEND=torch`` turns the compiled kernel off without touching code.
+``"auto"`` picks ``"cpp"`` when it builds and loads; otherwise ``"torch"`` for inference and, when gradients are
+needed, the grid_sample reference, whose fused backward beats embedding_bag's (which sorts every corner index). The
+environment variable ``DDETR_MSDA_CPU_BACKEND=torch`` keeps the kernel from being built or loaded at all.
 
 Inputs in bfloat16/float16 are sampled in float32 (locations and weights included) and the output is cast back to the
 value dtype; float64 stays float64 (gradcheck).
@@ -38,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ddetr.ops.ms_deform_attn import SpatialShapes, register_implementation
+from ddetr.ops.ms_deform_attn import SpatialShapes, ms_deform_attn_reference, register_implementation
 
 __all__ = ["BACKENDS", "cpp_extension_path", "load_cpp_extension", "ms_deform_attn_cpu"]
 
@@ -48,7 +49,7 @@ BACKENDS = ("auto", "cpp", "torch")
 _BACKEND_ENV = "DDETR_MSDA_CPU_BACKEND"
 _CACHE_ENV = "DDETR_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cpp")
-_ABI_VERSION = 2
+_ABI_VERSION = 4
 # Tried in order: the first is the fast one; the others trade speed for building with compilers that reject
 # -march=native or lack OpenMP (the kernel then runs single-threaded, still far faster than grid_sample).
 _FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
@@ -63,7 +64,7 @@ _MIN_SAMPLES_PER_THREAD = 4096
 
 
 class _Kernels:
-    """The loaded shared library with typed entry points, indexed by torch dtype."""
+    """The loaded shared library with typed entry points, indexed by the torch dtype of value."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -71,12 +72,12 @@ class _Kernels:
         pointer, index, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.forward: dict[torch.dtype, ctypes._CFuncPtr] = {}
         self.backward: dict[torch.dtype, ctypes._CFuncPtr] = {}
-        for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+        for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"), (torch.bfloat16, "bf16")):
             forward = getattr(library, f"ddetr_msda_forward_{suffix}")
             forward.argtypes = [pointer] * 6 + [index] * 7 + [threads]
             forward.restype = None
             backward = getattr(library, f"ddetr_msda_backward_{suffix}")
-            backward.argtypes = [pointer] * 9 + [index] * 8 + [threads]
+            backward.argtypes = [pointer] * 9 + [index] * 8 + [threads, threads]
             backward.restype = None
             self.forward[dtype] = forward
             self.backward[dtype] = backward
@@ -182,22 +183,29 @@ def _build_and_open() -> _Kernels:
 def load_cpp_extension() -> _Kernels | None:
     """Build (once per machine) and load the C++ kernel; ``None`` with a one-time warning when that is impossible.
 
-    Call it at start-up to pay the one-second build before the first request instead of during it.
+    Call it at start-up to pay the one-second build before the first request instead of during it. Returns ``None``
+    without building when ``DDETR_MSDA_CPU_BACKEND=torch``.
     """
     global _kernels, _load_attempted
     if _load_attempted:
         return _kernels
     with _load_lock:
         if not _load_attempted:
-            try:
-                _kernels = _build_and_open()
-            except Exception as error:  # any failure must degrade to the pure path, never crash inference
-                warnings.warn(
-                    "ddetr: could not build the C++ deformable-attention CPU kernel, using the slower pure-PyTorch "
-                    f"path instead. Reason: {error}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            choice = os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
+            if choice not in BACKENDS:
+                raise ValueError(f"{_BACKEND_ENV}={choice!r} is not one of {BACKENDS}")
+            if choice == "torch":
+                logger.info("%s=torch: the compiled deformable-attention kernel is not used", _BACKEND_ENV)
+            else:
+                try:
+                    _kernels = _build_and_open()
+                except Exception as error:  # any failure must degrade to the pure path, never crash inference
+                    warnings.warn(
+                        "ddetr: could not build the C++ deformable-attention CPU kernel, using the slower "
+                        f"pure-PyTorch path instead. Reason: {error}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             _load_attempted = True
     return _kernels
 
@@ -209,15 +217,15 @@ def cpp_extension_path() -> Path | None:
 
 
 def _resolve_backend(backend: str) -> str:
-    if backend == "auto":
-        backend = os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"{_BACKEND_ENV}={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "cpp" if load_cpp_extension() is not None else "torch"
-    if backend == "cpp" and load_cpp_extension() is None:
-        raise RuntimeError("backend='cpp' was requested but the C++ kernel could not be built (see the warning)")
-    return backend
+    if backend == "torch":
+        return backend
+    if load_cpp_extension() is not None:
+        return "cpp"
+    if backend == "cpp":
+        raise RuntimeError(
+            f"backend='cpp' was requested but the C++ kernel is unavailable (build failure warning, or {_BACKEND_ENV})"
+        )
+    return "torch"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -253,8 +261,8 @@ def _cpp_forward(
     batch, sequence, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     shapes, starts = _level_tables(spatial_shapes)
-    # (batch, queries, heads * head_dim)
-    output = value.new_empty(batch, queries, heads * head_dim)
+    # (batch, queries, heads * head_dim) in the compute dtype (float32 for a bfloat16 value)
+    output = sampling_locations.new_empty(batch, queries, heads * head_dim)
     kernels.forward[value.dtype](
         value.data_ptr(),
         shapes.data_ptr(),
@@ -291,20 +299,23 @@ def _cpp_backward(
     # The backward kernel parallelises over (batch, heads); with fewer of those than threads, queries are split
     # into chunks that each accumulate into a private copy of grad_value, summed afterwards.
     chunks = max(1, -(-threads // max(1, batch * heads)))
-    # (batch, heads, sequence, head_dim): the kernel wants each head's rows contiguous
-    value_t = value.transpose(1, 2).contiguous()
-    # (chunks, batch, heads, sequence, head_dim)
-    grad_value_t = value.new_zeros(chunks, batch, heads, sequence, head_dim)
+    # Heads-first rows make the scatter ~20% cheaper, which pays for transposing value and grad_value only when the
+    # queries sample at least as many points as there are value rows (encoder yes, decoder no).
+    heads_first = queries * levels * points >= sequence
+    # (batch, heads, sequence, head_dim) or (batch, sequence, heads, head_dim)
+    value_layout = value.transpose(1, 2).contiguous() if heads_first else value
+    # (chunks, <value layout>) in the compute dtype; the kernel zeroes it before accumulating
+    grad_value_layout = sampling_locations.new_empty(chunks, *value_layout.shape)
     grad_locations = torch.empty_like(sampling_locations)
     grad_weights = torch.empty_like(attention_weights)
     kernels.backward[value.dtype](
-        value_t.data_ptr(),
+        value_layout.data_ptr(),
         shapes.data_ptr(),
         starts.data_ptr(),
         sampling_locations.data_ptr(),
         attention_weights.data_ptr(),
         grad_output.data_ptr(),
-        grad_value_t.data_ptr(),
+        grad_value_layout.data_ptr(),
         grad_locations.data_ptr(),
         grad_weights.data_ptr(),
         batch,
@@ -315,11 +326,14 @@ def _cpp_backward(
         levels,
         points,
         chunks,
+        int(heads_first),
         threads,
     )
-    grad_value_t = grad_value_t[0] if chunks == 1 else grad_value_t.sum(0)
-    # (batch, sequence, heads, head_dim)
-    grad_value = grad_value_t.transpose(1, 2).contiguous()
+    grad_value = grad_value_layout[0] if chunks == 1 else grad_value_layout.sum(0)
+    if heads_first:
+        grad_value = grad_value.transpose(1, 2)
+    # (batch, sequence, heads, head_dim) contiguous, in value's dtype (the fake implementation promises both)
+    grad_value = grad_value.to(value.dtype).contiguous()
     return grad_value, grad_locations, grad_weights
 
 
@@ -401,7 +415,7 @@ def _torch_forward(
     corners = _corners(spatial_shapes, sampling_locations, sequence, heads)
     output = F.embedding_bag(
         corners.rows,
-        value.reshape(-1, head_dim),
+        value.reshape(-1, head_dim).to(sampling_locations.dtype),
         per_sample_weights=_corner_weights(corners, attention_weights),
         mode="sum",
     )
@@ -425,7 +439,8 @@ def _torch_backward(
     def bag(value_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return F.embedding_bag(corners.rows, value_rows, per_sample_weights=weights, mode="sum")
 
-    output, pullback = torch.func.vjp(bag, value.reshape(-1, head_dim), _corner_weights(corners, attention_weights))
+    value_rows = value.reshape(-1, head_dim).to(sampling_locations.dtype)
+    output, pullback = torch.func.vjp(bag, value_rows, _corner_weights(corners, attention_weights))
     grad_rows, corner_dots = pullback(grad_output.reshape(output.shape))
     # (batch, queries, heads, levels, points) each; dots of out-of-map corners are finite and meet zero weights.
     dot00, dot01, dot10, dot11 = corner_dots.view(batch, queries, heads, levels, points, 4).unbind(-1)
@@ -438,13 +453,13 @@ def _torch_backward(
     grad_weights = weight_y0 * sample_y0 + weight_y1 * sample_y1
     shapes, _ = _level_tables(spatial_shapes)
     # (levels, 1): chain rule through x = loc_x * width - 0.5
-    height = shapes[:, :1].to(value.dtype)
-    width = shapes[:, 1:].to(value.dtype)
+    height = shapes[:, :1].to(sampling_locations.dtype)
+    width = shapes[:, 1:].to(sampling_locations.dtype)
     # d(1 - fx)/dx = -1 and d(fx)/dx = 1, each only where that column is inside the map (as in grid_sample).
     slope_x = weight_y0 * (valid_x1 * dot01 - valid_x0 * dot00) + weight_y1 * (valid_x1 * dot11 - valid_x0 * dot10)
     slope_y = weight_x0 * (valid_y1 * dot10 - valid_y0 * dot00) + weight_x1 * (valid_y1 * dot11 - valid_y0 * dot01)
     grad_locations = torch.stack((slope_x * width, slope_y * height), dim=-1) * attention_weights.unsqueeze(-1)
-    return grad_rows.view_as(value), grad_locations, grad_weights
+    return grad_rows.view_as(value).to(value.dtype), grad_locations, grad_weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,7 +487,7 @@ def _forward_fake(
     backend: str,
 ) -> torch.Tensor:
     batch, _, heads, head_dim = value.shape
-    return value.new_empty(batch, sampling_locations.shape[1], heads * head_dim)
+    return sampling_locations.new_empty(batch, sampling_locations.shape[1], heads * head_dim)
 
 
 @torch.library.custom_op("ddetr::msda_cpu_backward", mutates_args=(), device_types="cpu")
@@ -567,23 +582,45 @@ def ms_deform_attn_cpu(
 ) -> torch.Tensor:
     """Multi-scale deformable attention on CPU, same contract and numerics as ``ms_deform_attn_reference``.
 
-    ``backend`` is ``"auto"`` (compiled kernel when available), ``"cpp"`` (compiled kernel or RuntimeError) or
-    ``"torch"`` (pure PyTorch). Returns (batch, queries, heads * head_dim) in the dtype of ``value``.
+    ``backend``: ``"auto"`` uses the compiled kernel when it builds, else the pure-PyTorch path for inference and
+    the reference when gradients are needed; ``"cpp"`` forces the compiled kernel (RuntimeError if unavailable);
+    ``"torch"`` forces the pure-PyTorch path. Returns (batch, queries, heads * head_dim) in the dtype of ``value``.
     """
+    original_dtype = value.dtype
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     shapes = [(int(height), int(width)) for height, width in spatial_shapes]
     _check_inputs(value, shapes, sampling_locations, attention_weights)
     # float64 stays exact for gradcheck; everything else (bf16, fp16, fp32) is sampled in float32.
     compute_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    output = _forward_op(
-        value.to(compute_dtype).contiguous(),
-        [size for shape in shapes for size in shape],
-        sampling_locations.to(compute_dtype).contiguous(),
-        attention_weights.to(compute_dtype).contiguous(),
-        backend,
-    )
-    return output.to(value.dtype)
+    if value.dtype != torch.bfloat16:
+        # bfloat16 values go to the op as they are: the compiled kernel reads them directly, which beats converting
+        # the whole value tensor when only a few hundred decoder queries sample it.
+        value = value.to(compute_dtype)
+    sampling_locations = sampling_locations.to(compute_dtype)
+    attention_weights = attention_weights.to(compute_dtype)
+    if backend == "auto" and not torch.compiler.is_compiling():
+        # Eager calls learn now whether the compiled kernel exists (the first one builds it). Compiled graphs read
+        # the outcome if it is known and otherwise leave the choice to the op at run time.
+        load_cpp_extension()
+    pure_fallback = backend == "auto" and _load_attempted and _kernels is None
+    if pure_fallback and _needs_grad(value, sampling_locations, attention_weights):
+        # Without the compiled kernel, training is faster on the grid_sample reference: embedding_bag's backward
+        # sorts all corner indices and loses to grid_sample's fused backward (see bench_msda).
+        output = ms_deform_attn_reference(value.to(compute_dtype), shapes, sampling_locations, attention_weights)
+    else:
+        output = _forward_op(
+            value.contiguous(),
+            [size for shape in shapes for size in shape],
+            sampling_locations.contiguous(),
+            attention_weights.contiguous(),
+            backend,
+        )
+    return output.to(original_dtype)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
 register_implementation("cpu", ms_deform_attn_cpu)
