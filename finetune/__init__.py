@@ -1,0 +1,21 @@
+"""finetune: a datasets-backed training engine for ddetr's Deformable DETR, with COCO evaluation, exact resume and
+torchrun support. The command line is ``python -m finetune`` (evaluation: ``python -m finetune.evaluate``); apps
+drive :mod:`finetune.api`."""
+
+from finetune.api import TrainingRun, read_run, resume_config, resume_run, start_run
+from finetune.config import TrainConfig
+from finetune.shapes import SHAPE_CLASSES, make_shapes_dataset
+from finetune.trainer import RunResult, Trainer
+
+__all__ = [
+    "SHAPE_CLASSES",
+    "RunResult",
+    "TrainConfig",
+    "Trainer",
+    "TrainingRun",
+    "make_shapes_dataset",
+    "read_run",
+    "resume_config",
+    "resume_run",
+    "start_run",
+]
