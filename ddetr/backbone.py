@@ -28,10 +28,24 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine map this layer applies: y = x * scale + shift, per channel."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_and_shift()
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+def conv_frozen_bn(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``norm(conv(x))`` as one convolution: the frozen affine map folds into the kernel and a bias.
+
+    Mathematically identical (gradients included) and saves two full passes over every activation map.
+    """
+    scale, shift = norm.scale_and_shift()
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -52,10 +66,10 @@ class BasicBlock(nn.Module):
         self.downsample = _downsample(in_channels, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + shortcut)
+        shortcut = x if self.downsample is None else conv_frozen_bn(self.downsample[0], self.downsample[1], x)
+        out = F.relu(conv_frozen_bn(self.conv1, self.bn1, x), inplace=True)
+        out = conv_frozen_bn(self.conv2, self.bn2, out)
+        return F.relu(out.add_(shortcut), inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -76,11 +90,11 @@ class Bottleneck(nn.Module):
         self.downsample = _downsample(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + shortcut)
+        shortcut = x if self.downsample is None else conv_frozen_bn(self.downsample[0], self.downsample[1], x)
+        out = F.relu(conv_frozen_bn(self.conv1, self.bn1, x), inplace=True)
+        out = F.relu(conv_frozen_bn(self.conv2, self.bn2, out), inplace=True)
+        out = conv_frozen_bn(self.conv3, self.bn3, out)
+        return F.relu(out.add_(shortcut), inplace=True)
 
 
 def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:
@@ -146,7 +160,7 @@ class ResNet(nn.Module):
                 module.requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        x = F.relu(self.bn1(self.conv1(pixel_values)))
+        x = F.relu(conv_frozen_bn(self.conv1, self.bn1, pixel_values), inplace=True)
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         features = []
         for stage in range(1, max(self.out_stages) + 1):
