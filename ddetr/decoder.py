@@ -11,6 +11,7 @@ from torch import nn
 
 from ddetr.deformable_attention import MultiscaleDeformableAttention
 from ddetr.feed_forward import check_activation, feed_forward
+from ddetr.linear import Linear
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -27,10 +28,10 @@ class QuerySelfAttention(nn.Module):
             raise ValueError(f"d_model={d_model} must be divisible by heads={heads}")
         self.heads = heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = Linear(d_model, d_model)
+        self.k_proj = Linear(d_model, d_model)
+        self.v_proj = Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
         batch, queries, d_model = hidden_states.shape
@@ -71,8 +72,8 @@ class DeformableDecoderLayer(nn.Module):
         self.encoder_attn_layer_norm = nn.LayerNorm(d_model)
         self.activation = activation
         self.activation_dropout = activation_dropout
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.fc1 = Linear(d_model, ffn_dim)
+        self.fc2 = Linear(ffn_dim, d_model)
         self.final_layer_norm = nn.LayerNorm(d_model)
         self.dropout = dropout
 

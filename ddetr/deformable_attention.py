@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddetr.linear import Linear
 from ddetr.ops import ms_deform_attn
 
 
@@ -23,10 +24,10 @@ class MultiscaleDeformableAttention(nn.Module):
         self.levels = levels
         self.heads = heads
         self.points = points
-        self.sampling_offsets = nn.Linear(d_model, heads * levels * points * 2)
-        self.attention_weights = nn.Linear(d_model, heads * levels * points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.sampling_offsets = Linear(d_model, heads * levels * points * 2)
+        self.attention_weights = Linear(d_model, heads * levels * points)
+        self.value_proj = Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
         self.implementation = "auto"
         self.reset_parameters()
 

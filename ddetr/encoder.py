@@ -10,6 +10,7 @@ from torch import nn
 
 from ddetr.deformable_attention import MultiscaleDeformableAttention
 from ddetr.feed_forward import check_activation, feed_forward
+from ddetr.linear import Linear
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -31,8 +32,8 @@ class DeformableEncoderLayer(nn.Module):
         check_activation(activation)
         self.activation = activation
         self.activation_dropout = activation_dropout
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.fc1 = Linear(d_model, ffn_dim)
+        self.fc2 = Linear(ffn_dim, d_model)
         self.final_layer_norm = nn.LayerNorm(d_model)
         self.dropout = dropout
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddetr.linear import Linear
+
 # Focal-loss prior: every class starts at probability 0.01 so early training is not swamped by negatives.
 CLASS_PRIOR_PROBABILITY = 0.01
 
@@ -19,7 +21,7 @@ class BoxHead(nn.Module):
     def __init__(self, *, input_dim: int, hidden_dim: int, output_dim: int = 4, num_layers: int = 3) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(dims, [*dims[1:], output_dim]))
+        self.layers = nn.ModuleList(Linear(n_in, n_out) for n_in, n_out in zip(dims, [*dims[1:], output_dim]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index, layer in enumerate(self.layers):
@@ -35,7 +37,7 @@ def _repeat(module: nn.Module, count: int, shared: bool) -> nn.ModuleList:
 
 
 def build_class_heads(d_model: int, num_labels: int, count: int, *, shared: bool) -> nn.ModuleList:
-    head = nn.Linear(d_model, num_labels)
+    head = Linear(d_model, num_labels)
     with torch.no_grad():
         head.bias.fill_(-math.log((1 - CLASS_PRIOR_PROBABILITY) / CLASS_PRIOR_PROBABILITY))
     return _repeat(head, count, shared)

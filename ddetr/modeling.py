@@ -11,6 +11,7 @@ from ddetr.decoder import DeformableDecoder, DeformableDecoderLayer
 from ddetr.deformable_attention import MultiscaleDeformableAttention
 from ddetr.encoder import DeformableEncoder, DeformableEncoderLayer
 from ddetr.heads import build_box_heads, build_class_heads
+from ddetr.linear import Linear
 from ddetr.outputs import DeformableDetrModelOutput
 from ddetr.position_encoding import LearnedPositionEmbedding, SinePositionEmbedding
 from ddetr.pretrained import PretrainedMixin
@@ -118,12 +119,12 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
         )
         self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, d_model))
         if config.two_stage:
-            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output = Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
-            self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
+            self.pos_trans = Linear(2 * d_model, 2 * d_model)
             self.pos_trans_norm = nn.LayerNorm(2 * d_model)
         else:
-            self.reference_points = nn.Linear(d_model, 2)
+            self.reference_points = Linear(d_model, 2)
         self._reset_transformer_parameters()
 
     @torch.no_grad()
