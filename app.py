@@ -17,9 +17,11 @@ import gradio as gr
 from app_support.detect_tab import DetectTab
 from app_support.detector_cache import DetectorCache
 from app_support.downloads import DownloadFolder
+from app_support.finetune_tab import FinetuneTab
 from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, queue_options
 from app_support.models import ModelRegistry
 from app_support.paths import REPO_ROOT, AppPaths
+from app_support.training import TrainingJobs
 
 TITLE = "Deformable DETR: detect and fine-tune"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -48,9 +50,12 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
     """Build the Blocks app (not launched) and the folders it uses."""
     limit_pillow()
     paths = AppPaths.from_root(REPO_ROOT, models=config.models_dir, data=config.data_dir, runs=config.runs_dir)
-    registry = ModelRegistry(paths.models, cli_model=config.model)
-    detectors = DetectorCache(max_loaded=config.max_loaded_models)
-    detect_tab = DetectTab(registry, detectors, DownloadFolder(paths.scratch("downloads")))
+    jobs = TrainingJobs(paths.runs)
+    registry = ModelRegistry(paths.models, cli_model=config.model, finetuned=jobs.finished_models)
+    detections = DownloadFolder(paths.scratch("detections"))
+    detect_tab = DetectTab(registry, DetectorCache(max_loaded=config.max_loaded_models), detections)
+    # A folder of its own: the many small detection files must never prune away a trained model's zip.
+    finetune_tab = FinetuneTab(paths, jobs, registry, DownloadFolder(paths.scratch("models"), keep=10))
 
     with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}")
@@ -58,7 +63,7 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
             with gr.Tab("Detect", id="detect"):
                 detect = detect_tab.build(example_images(paths))
             with gr.Tab("Fine-tune", id="finetune"):
-                gr.Markdown("Fine-tuning is not available yet.")
+                finetune_tab.build(detect_model=detect["model"], tabs=tabs)
         demo.load(
             detect_tab.select_model,
             [detect["model"]],
@@ -66,7 +71,6 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
             api_name="ui_initial_model",
             api_visibility="private",
         )
-    del tabs
     return demo, paths
 
 

@@ -82,7 +82,8 @@ def draw_detections(
     scale: float = 1.0,
     id2label: Mapping[int, str] | None = None,
 ) -> PIL.Image.Image:
-    """A copy of ``image`` with each detection's box and a "label score" tag; ``scale`` maps box pixels onto it.
+    """A copy of ``image`` with each box and a "label score" (or, without a score, "label") tag; ``scale`` maps box
+    pixels onto the image.
 
     Lower-scoring boxes are drawn first so the most confident ones end up on top.
     """
@@ -90,12 +91,14 @@ def draw_detections(
     draw = PIL.ImageDraw.Draw(canvas)
     line = max(2, round(max(canvas.size) / 320))
     font = _font(max(11, round(max(canvas.size) / 45)))
-    for detection in sorted(detections, key=lambda d: d["score"]):
+    for detection in sorted(detections, key=lambda d: d.get("score", 1.0)):
         box = detection["box"]
         x0, y0, x1, y1 = (box[k] * scale for k in ("xmin", "ymin", "xmax", "ymax"))
         color = class_color(detection["label"], id2label)
         draw.rectangle((x0, y0, x1, y1), outline=color, width=line)
-        text = f"{detection['label']} {detection['score']:.2f}"
+        # Ground truth (dataset previews) has no score; detections show theirs.
+        score = detection.get("score")
+        text = detection["label"] if score is None else f"{detection['label']} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tag_w, tag_h = right - left + 2 * line, bottom - top + 2 * line
         # Put the tag above the box, or inside it when the box touches the top edge.

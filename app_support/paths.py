@@ -51,6 +51,17 @@ class AppPaths:
             folder.mkdir(parents=True, exist_ok=True)
         return paths
 
+    def redact(self, text: str) -> str:
+        """``text`` with the app's absolute folders replaced by short names, for messages shown to visitors."""
+        for folder, name in (
+            (self.work, "<upload>"),
+            (self.runs, "runs"),
+            (self.data, "data"),
+            (self.models, "models"),
+        ):
+            text = text.replace(str(folder), name)
+        return text.replace(str(REPO_ROOT), ".")
+
     def scratch(self, name: str) -> Path:
         """A sub-folder of the private work area (created on demand)."""
         folder = self.work / name

@@ -108,3 +108,40 @@ def test_upload_then_threshold_slider_changes_the_boxes(page, screenshots: Path)
     threshold = float(page.locator("#threshold input[type=number]").input_value())
     assert threshold > 0.7
     page.screenshot(path=str(screenshots / "02-detect-threshold-high.png"), full_page=True)
+
+
+def choose(page, dropdown_id: str, option: str) -> None:
+    page.locator(f"#{dropdown_id} input").click()
+    page.get_by_role("option", name=option).first.click()
+
+
+def status_text(page) -> str:
+    return page.locator("#finetune-status-text").inner_text()
+
+
+def test_start_and_stop_a_tiny_finetune(page, screenshots: Path):
+    page.get_by_role("tab", name="Fine-tune").click()
+    for slider, value in (("shapes-train", "16"), ("shapes-validation", "4")):
+        page.locator(f"#{slider} input[type=number]").fill(value)
+        page.keyboard.press("Enter")
+    choose(page, "shapes-size", "128")
+    choose(page, "base-model", "tiny preset")
+    page.locator("#epochs input").fill("200")  # far more than it will run: Stop must end it
+    page.locator("#check-dataset").click()
+    page.wait_for_selector("text=no problems found")
+
+    page.locator("#finetune-start").click()
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#finetune-status-text');"
+        " return s && s.innerText.includes('running') && /step [2-9]/.test(s.innerText); }"
+    )
+    page.screenshot(path=str(screenshots / "03-finetune-running.png"), full_page=True)
+
+    page.locator("#finetune-stop").click()
+    page.wait_for_selector("#finetune-status-text:has-text('stopped')")
+    stopped_at = int(re.search(r"step (\d+) /", status_text(page)).group(1))
+    assert 2 <= stopped_at < 200 * 4
+    # The stopped run is offered for resuming: a checkpoint was left behind.
+    page.locator("#finetune-status").scroll_into_view_if_needed()
+    page.wait_for_function("() => document.body.innerText.includes('Stopped runs')")
+    page.screenshot(path=str(screenshots / "04-finetune-stopped.png"), full_page=True)

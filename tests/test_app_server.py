@@ -97,3 +97,37 @@ def test_queue_is_bounded(server):
     demo, _ = server
     assert demo._queue.max_size == QUEUE_MAX_SIZE
     assert demo.max_file_size is not None
+
+
+def test_short_finetune_streams_metrics_and_stops_on_request(client: Client):
+    run = client.predict(
+        kind="shapes",
+        shapes_train=16,
+        shapes_validation=4,
+        shapes_size=128,
+        hub_id="",
+        folder="",
+        upload=None,
+        base_model="preset:tiny",
+        epochs=100,
+        batch_size=4,
+        save_every=5,
+        api_name="/finetune_start",
+    )
+    job = client.submit(api_name="/finetune_stream")
+    seen_steps, states, stop_requested_at = [], [], None
+    for update in job:
+        assert update["run"] == run
+        states.append(update["state"])
+        seen_steps.append(update["step"])
+        # A detection request while training runs is still answered.
+        if stop_requested_at is None and update["step"] >= 2:
+            assert client.predict(handle_file(str(EXAMPLE)), 0.5, api_name="/detect")
+            assert client.predict(api_name="/finetune_stop").startswith("stopping")
+            stop_requested_at = update["step"]
+    final = client.predict(api_name="/finetune_status")
+    assert len(set(seen_steps)) >= 2 and seen_steps == sorted(seen_steps)  # metrics arrived while it trained
+    assert states[-1] == final["state"] == "stopped"
+    assert stop_requested_at is not None and final["step"] < 400
+    losses = [r["loss"] for r in final["records"] if r["type"] == "train"]
+    assert losses and all(isinstance(loss, float) for loss in losses)

@@ -1,0 +1,279 @@
+"""The bridge between the UI and ``finetune.api``: one training job per server, visible to every page.
+
+The job runs in a thread of the server process (``finetune.api.start_run``), so it survives page reloads and every
+visitor sees the same progress; only one runs at a time, and Stop/Resume act on it. Runs are written under the
+app's runs folder with server-chosen names; requests name runs only by picking from ``resumable_runs()``.
+
+Before a job starts, the dataset is opened and validated here, synchronously, so a broken dataset is a message on
+the form rather than a failed background job, and a few validation images are kept to show predictions on.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+from safetensors.torch import load_model
+
+import ddetr
+from app_support.errors import UserFacingError
+from finetune.api import TrainingRun, read_run, resume_config, start_run
+from finetune.checkpointing import MODEL_FILE, latest_checkpoint
+from finetune.config import TrainConfig
+from finetune.data import PreparedData, prepare_data
+from finetune.presets import PRESETS
+from finetune.run_files import CHECKPOINTS, MODEL_CONFIG, MODEL_DIR, TRAIN_CONFIG
+from finetune.validation import format_reports
+
+PREVIEW_IMAGES = 4
+PREDICTION_THRESHOLD = 0.3
+ACTIVE_STATES = ("pending", "running")
+
+
+class JobBusyError(UserFacingError):
+    """A training job is already running; the server trains one at a time."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The hyperparameters the form exposes; everything else keeps ``TrainConfig``'s paper defaults."""
+
+    epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 4
+    lr: float = 2e-4
+    image_size: int | None = None
+    eval_every: int = 1
+    save_every: int = 50
+    seed: int = 42
+
+    def config(self, *, dataset: str, model: str, output_dir: Path) -> TrainConfig:
+        return TrainConfig(
+            dataset=dataset,
+            model=model,
+            output_dir=str(output_dir),
+            epochs=int(self.epochs),
+            max_steps=int(self.max_steps) if self.max_steps else None,
+            batch_size=int(self.batch_size),
+            lr=float(self.lr),
+            lr_backbone=float(self.lr) / 10,
+            image_size=int(self.image_size) if self.image_size else None,
+            eval_every=int(self.eval_every),
+            save_every=int(self.save_every),
+            log_every=1,
+            seed=int(self.seed),
+            progress=False,
+            num_workers=0,
+        )
+
+
+@dataclass
+class DataPreview:
+    """A validated dataset: the class names, the validation report and a few images with their boxes."""
+
+    description: str
+    class_names: list[str]
+    report: str
+    samples: list[tuple[PIL.Image.Image, list[dict[str, Any]]]]  # image, ground truth in the detection schema
+    split_sizes: dict[str, int]
+
+
+def _ground_truth(boxes: Any, labels: Any, class_names: list[str]) -> list[dict[str, Any]]:
+    truth = []
+    for (x, y, w, h), label in zip(boxes.tolist(), labels.tolist()):
+        box = {"xmin": round(x), "ymin": round(y), "xmax": round(x + w), "ymax": round(y + h)}
+        truth.append({"label": class_names[int(label)], "box": box})
+    return truth
+
+
+def _load_samples(prepared: PreparedData, split: str, count: int) -> list[tuple[PIL.Image.Image, list[dict]]]:
+    if split not in prepared.splits:
+        return []
+    chosen = prepared.splits[split]
+    samples = []
+    for index in range(min(count, len(chosen))):
+        sample = chosen.samples[index]
+        image = ddetr.load_image(chosen.image_source(index))
+        samples.append((image, _ground_truth(sample.boxes, sample.labels, prepared.class_names)))
+    return samples
+
+
+def preview_dataset(source: str, description: str, *, seed: int = 42) -> DataPreview:
+    """Open and validate ``source`` as training would, and keep a few training images for the preview."""
+    prepared = prepare_data(source, seed=seed)
+    if "train" not in prepared.splits or len(prepared.splits["train"]) == 0:
+        raise ValueError(f"{description} has no usable training images:\n{format_reports(prepared.reports)}")
+    return DataPreview(
+        description=description,
+        class_names=list(prepared.class_names),
+        report=format_reports(prepared.reports),
+        samples=_load_samples(prepared, "train", PREVIEW_IMAGES),
+        split_sizes={name: len(split) for name, split in prepared.splits.items()},
+    )
+
+
+@dataclass
+class JobSnapshot:
+    """What the UI shows about the current (or last) job; ``version`` changes whenever anything in it does."""
+
+    run_name: str | None
+    state: str  # idle, pending, running, finished, stopped, diverged, failed
+    step: int = 0
+    total_steps: int = 0
+    message: str = ""
+    records: list[dict[str, Any]] = field(default_factory=list)
+    model_dir: Path | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def version(self) -> tuple[Any, ...]:
+        return (self.run_name, self.state, len(self.records), self.step)
+
+
+class TrainingJobs:
+    """Starts, stops and resumes the server's single training job, and reports on it."""
+
+    def __init__(self, runs_root: Path) -> None:
+        self.runs_root = Path(runs_root)
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._run: TrainingRun | None = None
+        self._run_name: str | None = None
+        self._validation_images: list[PIL.Image.Image] = []
+        self._predictions: tuple[tuple[str | None, int], list[tuple[PIL.Image.Image, list[dict]]]] = ((None, -1), [])
+
+    # -- control ------------------------------------------------------------------------------------------------ #
+
+    def _check_idle(self) -> None:
+        if self._run is not None and not self._run.done:
+            raise JobBusyError(
+                f"a training job ({self._run_name}) is already running; stop it or wait for it to finish"
+            )
+
+    def start(self, *, dataset_source: str, description: str, base_model: str, settings: TrainSettings) -> str:
+        """Validate the dataset, then start training in the background; returns the new run's name."""
+        with self._lock:
+            self._check_idle()
+            prepared = prepare_data(dataset_source, seed=settings.seed)
+            if "train" not in prepared.splits or len(prepared.splits["train"]) == 0:
+                raise ValueError(f"{description} has no usable training images:\n{format_reports(prepared.reports)}")
+            name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            config = settings.config(dataset=dataset_source, model=base_model, output_dir=self.runs_root / name)
+            self._validation_images = [image for image, _ in _load_samples(prepared, "validation", PREVIEW_IMAGES)]
+            self._run, self._run_name = start_run(config), name
+            return name
+
+    def stop(self) -> bool:
+        """Ask the running job to stop before its next step (it saves a resumable checkpoint first)."""
+        with self._lock:
+            if self._run is None or self._run.done:
+                return False
+            self._run.stop()
+            return True
+
+    def resume(self, run_name: str) -> str:
+        with self._lock:
+            self._check_idle()
+            if run_name not in self.resumable_runs():
+                raise ValueError(f"run {run_name!r} cannot be resumed (unknown, finished, or without a checkpoint)")
+            directory = self.runs_root / run_name
+            config = resume_config(directory)
+            prepared = prepare_data(config.dataset, seed=config.seed, validation_fraction=config.validation_fraction)
+            self._validation_images = [image for image, _ in _load_samples(prepared, "validation", PREVIEW_IMAGES)]
+            self._run, self._run_name = start_run(config), run_name
+            return run_name
+
+    def wait(self, timeout: float | None = None) -> None:
+        run = self._run
+        if run is not None:
+            run.wait(timeout)
+
+    # -- listing ------------------------------------------------------------------------------------------------ #
+
+    def _run_dirs(self) -> list[Path]:
+        return sorted(p for p in self.runs_root.iterdir() if p.is_dir() and (p / TRAIN_CONFIG).is_file())
+
+    def resumable_runs(self) -> list[str]:
+        """Runs that stopped (or failed) with a checkpoint to continue from, newest first."""
+        names = []
+        for directory in self._run_dirs():
+            status = read_run(directory)["status"] or {}
+            active = directory.name == self._run_name and self._run is not None and not self._run.done
+            if not active and status.get("state") != "finished" and latest_checkpoint(directory / CHECKPOINTS):
+                names.append(directory.name)
+        return sorted(names, reverse=True)
+
+    def finished_models(self) -> list[tuple[str, Path]]:
+        """(run name, model folder) of every run that exported a model, newest first."""
+        found = []
+        for directory in self._run_dirs():
+            model_dir = directory / MODEL_DIR
+            if (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file():
+                found.append((directory.name, model_dir))
+        return sorted(found, reverse=True)
+
+    # -- reporting ---------------------------------------------------------------------------------------------- #
+
+    def snapshot(self) -> JobSnapshot:
+        run, name = self._run, self._run_name
+        if run is None or name is None:
+            return JobSnapshot(run_name=None, state="idle")
+        records = run.records()
+        status = read_run(run.output_dir)["status"] or {}
+        train = [r for r in records if r.get("type") == "train"]
+        step = int(train[-1]["step"]) if train else int(status.get("step", 0) or 0)
+        total = int(status.get("total_steps", 0) or 0)
+        state = run.state
+        if state == "failed" and run.error is not None:
+            message = f"{type(run.error).__name__}: {run.error}"
+        else:
+            message = ""
+        model_dir = run.output_dir / MODEL_DIR if state == "finished" else None
+        return JobSnapshot(name, state, step, max(total, step), message, records, model_dir)
+
+    def predictions(self) -> list[tuple[PIL.Image.Image, list[dict[str, Any]]]]:
+        """The latest checkpoint's detections on a few validation images (recomputed only for a new checkpoint)."""
+        run, name = self._run, self._run_name
+        if run is None or not self._validation_images:
+            return []
+        checkpoint = latest_checkpoint(run.output_dir / CHECKPOINTS)
+        if checkpoint is None:
+            return []
+        key = (name, checkpoint.step)
+        if self._predictions[0] == key:
+            return self._predictions[1]
+        detector = _checkpoint_detector(run.output_dir, checkpoint.path)
+        results = [(image, detector(image, threshold=PREDICTION_THRESHOLD)) for image in self._validation_images]
+        self._predictions = (key, results)
+        return results
+
+
+def _checkpoint_detector(run_dir: Path, checkpoint_dir: Path) -> ddetr.ObjectDetectionPipeline:
+    """A detector from a training checkpoint: architecture from the run, weights from the checkpoint only (the
+    optimizer state beside them is not read)."""
+    config = ddetr.DeformableDetrConfig.from_pretrained(run_dir / MODEL_CONFIG)
+    model = ddetr.DeformableDetrForObjectDetection(config)
+    missing, unexpected = load_model(model, str(checkpoint_dir / MODEL_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {checkpoint_dir.name} does not fit its run's model")
+    settings = json.loads((run_dir / TRAIN_CONFIG).read_text())
+    size = {"shortest_edge": int(settings["image_size"]), "longest_edge": int(settings["max_size"])}
+    processor = ddetr.DeformableDetrImageProcessorFast(size=size)
+    return ddetr.ObjectDetectionPipeline(model=model.eval(), processor=processor)
+
+
+def base_model_choices(registry_choices: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Presets (trained from scratch) first, then every model the Detect tab lists (fine-tuned from)."""
+    presets = [
+        (f"{name} preset, from scratch ({preset.description})", f"preset:{name}") for name, preset in PRESETS.items()
+    ]
+    return presets + [(f"fine-tune {label}", key) for label, key in registry_choices]

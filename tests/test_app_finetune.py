@@ -1,0 +1,208 @@
+"""The Fine-tune tab's pieces, called directly: dataset choices, the one-job bridge, polling, the trained model."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import PIL.Image
+import pytest
+
+import ddetr
+from app_support.dataset_sources import DatasetChoiceError, hub_choice, resolve_dataset, shapes_choice
+from app_support.downloads import DownloadFolder
+from app_support.finetune_tab import FinetuneTab, loss_frame, map_frame, metrics_rows
+from app_support.models import ModelRegistry
+from app_support.paths import AppPaths, PathNotAllowedError
+from app_support.training import JobBusyError, TrainingJobs
+
+TINY_SHAPES = {"kind": "shapes", "shapes_train": 16, "shapes_validation": 4, "shapes_size": 128}
+FORM_DEFAULTS = {"hub_id": "", "folder": "", "upload": None}
+
+
+def form(**overrides) -> list:
+    values = {**TINY_SHAPES, **FORM_DEFAULTS, **overrides}
+    return [
+        values[k] for k in ("kind", "shapes_train", "shapes_validation", "shapes_size", "hub_id", "folder", "upload")
+    ]
+
+
+def start_args(*, epochs: int = 1, max_steps: int = 0, save_every: int = 2) -> list:
+    # base model, epochs, max steps, batch size, lr, image size, eval every, checkpoint every
+    return [*form(), "preset:tiny", epochs, max_steps, 4, 2e-4, 0, 1, save_every]
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> AppPaths:
+    return AppPaths.from_root(tmp_path, work=tmp_path / "work")
+
+
+@pytest.fixture
+def tab(paths: AppPaths) -> FinetuneTab:
+    jobs = TrainingJobs(paths.runs)
+    registry = ModelRegistry(paths.models, hub_reachable=lambda: False, finetuned=jobs.finished_models)
+    yield FinetuneTab(paths, jobs, registry, DownloadFolder(paths.scratch("models")))
+    jobs.stop()
+    jobs.wait(60)
+
+
+def wait_for(predicate, timeout: float = 120.0, poll: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+
+
+def coco_zip(path: Path) -> Path:
+    images, annotations = [], []
+    with zipfile.ZipFile(path, "w") as archive:
+        for index in range(6):
+            image = PIL.Image.new("RGB", (96, 64), (240, 240, 240))
+            image.paste((200, 20, 20), (10 + index, 10, 40 + index, 40))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            archive.writestr(f"set/images/{index}.png", buffer.getvalue())
+            images.append({"id": index, "file_name": f"{index}.png", "width": 96, "height": 64})
+            annotations.append({"id": index, "image_id": index, "category_id": 7, "bbox": [10 + index, 10, 30, 30]})
+        annotations.append({"id": 99, "image_id": 0, "category_id": 7, "bbox": [50, 50, -4, 3]})  # degenerate
+        coco = {"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "block"}]}
+        archive.writestr("set/annotations.json", json.dumps(coco))
+    return path
+
+
+# -- dataset choices -------------------------------------------------------------------------------------------- #
+
+
+def test_dataset_choices_are_bounded_and_never_leave_the_allow_list(paths: AppPaths, tmp_path: Path):
+    assert shapes_choice(16, 4, 128).source == "shapes:train=16,validation=4,test=0,size=128"
+    for train, validation, size in ((4, 4, 128), (10**6, 4, 128), (16, 4, 100)):
+        with pytest.raises(DatasetChoiceError):
+            shapes_choice(train, validation, size)
+    assert hub_choice("rishitdagli/cppe-5").source == "rishitdagli/cppe-5"
+    (tmp_path / "local-name").mkdir()
+    for bad in ("", "../etc", "/etc/passwd", "a/b/c", "shapes", "local-name", "owner/..", "x y"):
+        with pytest.raises(DatasetChoiceError):
+            hub_choice(bad, cwd=tmp_path)
+    for bad in ("/etc", "../runs", "missing"):
+        with pytest.raises(PathNotAllowedError):
+            resolve_dataset(paths, "folder", folder=bad)
+    with pytest.raises(DatasetChoiceError, match="upload"):
+        resolve_dataset(paths, "upload", upload=None)
+    with pytest.raises(DatasetChoiceError, match="unknown dataset kind"):
+        resolve_dataset(paths, "ftp")
+
+
+def test_check_dataset_previews_an_uploaded_coco_zip(tab: FinetuneTab, tmp_path: Path):
+    report, gallery = tab.check_dataset(*form(kind="upload", upload=str(coco_zip(tmp_path / "d.zip"))))
+    assert "1 classes (block)" in report
+    assert "zero_or_negative_size" in report  # the degenerate box is reported, not trained on
+    assert str(tmp_path) not in report  # server paths are not shown to visitors
+    assert len(gallery) == 4 and all(isinstance(image, PIL.Image.Image) for image, _ in gallery)
+    assert gallery[0][1] == "1 objects"
+
+
+def test_check_dataset_reports_broken_zips(tab: FinetuneTab, tmp_path: Path):
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 nope")
+    with pytest.raises(gr.Error, match="not a zip"):
+        tab.check_dataset(*form(kind="upload", upload=str(tmp_path / "bad.zip")))
+    with pytest.raises(gr.Error, match="outside the allowed folder"):
+        tab.check_dataset(*form(kind="folder", folder="../../etc"))
+
+
+# -- the training job ------------------------------------------------------------------------------------------- #
+
+
+def test_one_job_stop_within_a_step_resume_and_use_in_detect(tab: FinetuneTab):
+    jobs = tab.jobs
+    run = tab.start(*start_args(epochs=4))  # 16 steps: enough to stop in the middle, quick to finish
+    with pytest.raises(gr.Error, match="already running"):
+        tab.start(*start_args())
+    with pytest.raises(JobBusyError):
+        jobs.resume(run)
+
+    wait_for(lambda: jobs.snapshot().step >= 2)
+    step_at_stop = jobs.snapshot().step
+    assert tab.stop().startswith("stopping")
+    jobs.wait(60)
+    stopped = jobs.snapshot()
+    assert stopped.state == "stopped"
+    assert step_at_stop <= stopped.step <= step_at_stop + 1  # the step in flight finishes, no further one starts
+    assert jobs.resumable_runs() == [run]
+    assert tab.stop() == "no job is running"
+
+    # Polling: everything on a change, and only the status text when nothing changed since the last poll.
+    status, losses, maps, table, gallery, use, download, resumable, version = tab.refresh(None)
+    assert "stopped" in status and f"step {stopped.step}" in status
+    assert isinstance(losses, pd.DataFrame) and set(losses["series"]) >= {"loss", "loss_ce"}
+    assert isinstance(maps, pd.DataFrame) and [row[0] for row in table] == sorted({row[0] for row in table})
+    assert len(gallery) == 4  # the latest checkpoint's predictions on the validation images
+    assert use["interactive"] is False and download["visible"] is False
+    assert resumable["choices"] == [run]
+    again = tab.refresh(version)
+    assert all(
+        isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1 for value in again[1:8]
+    )
+
+    assert tab.resume(run) == run
+    jobs.wait(120)
+    finished = jobs.snapshot()
+    assert finished.state == "finished" and finished.step == finished.total_steps
+    steps = [r["step"] for r in finished.records if r.get("type") == "train"]
+    assert steps[0] == stopped.step + 1  # continued from the checkpoint, not from scratch
+    assert jobs.resumable_runs() == []
+
+    *_, use, download, _, _ = tab.refresh(None)
+    assert use["interactive"] is True and download["visible"] is True
+    detect_update, tabs_update = tab.use_in_detect()
+    assert (
+        detect_update["value"] == f"run:{run}"
+        and (f"{run} (fine-tuned here)", f"run:{run}") in detect_update["choices"]
+    )
+    assert tabs_update.selected == "detect"
+
+    # The downloadable zip unpacks to a folder that ddetr loads.
+    with zipfile.ZipFile(download["value"]) as archive:
+        archive.extractall(tab.paths.work / "unzipped")
+    folder = tab.paths.work / "unzipped" / f"ddetr-{run}"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    detector = ddetr.pipeline(model=folder)
+    assert sorted(detector.model.config.id2label.values()) == sorted(
+        ["circle", "square", "triangle", "star", "cross", "ring"]
+    )
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoModelForObjectDetection.from_pretrained(folder)
+    assert reference.config.id2label == {int(k): v for k, v in detector.model.config.id2label.items()}
+
+
+def test_use_in_detect_needs_a_finished_job(tab: FinetuneTab):
+    with pytest.raises(gr.Error, match="has not finished"):
+        tab.use_in_detect()
+    assert tab.status_json()["state"] == "idle"
+    assert [update["state"] for update in tab.stream()] == ["idle"]
+
+
+def test_bad_settings_are_refused_before_anything_runs(tab: FinetuneTab):
+    with pytest.raises(gr.Error, match="batch_size"):
+        tab.start(*form(), "preset:tiny", 1, 0, 0, 2e-4, 0, 1, 2)
+    with pytest.raises(gr.Error, match="not available"):
+        tab.start(*form(), "dir:../../etc", 1, 0, 4, 2e-4, 0, 1, 2)
+    with pytest.raises(gr.Error, match="cannot be resumed"):
+        tab.resume("../../etc")
+    assert tab.jobs.snapshot().state == "idle" and list(tab.paths.runs.iterdir()) == []
+
+
+def test_metric_frames_have_fixed_types():
+    records = [
+        {"type": "train", "step": 1, "loss": 3.0, "loss_ce": 1.0, "loss_bbox": float("nan")},
+        {"type": "eval", "step": 1, "epoch": 1.0, "map": 0.25, "map_50": 0.5, "map_75": -1.0, "mar_100": 0.3},
+    ]
+    losses = loss_frame(records)
+    assert list(losses["series"]) == ["loss", "loss_ce"]  # NaN is left out, not plotted
+    assert str(losses["value"].dtype) == "float64" and str(loss_frame([])["value"].dtype) == "float64"
+    assert map_frame(records)["value"].tolist() == [0.25, 0.5, 0.0]
+    assert metrics_rows(records) == [[1, 1.0, 0.25, 0.5, "n/a", 0.3]]
