@@ -76,13 +76,24 @@ class MultiscaleDeformableAttention(nn.Module):
         # (batch, sequence, heads, head_dim)
         value = value.view(batch, sequence, self.heads, self.d_model // self.heads)
         # (batch, queries, heads, levels, points, 2)
-        offsets = self.sampling_offsets(query).view(batch, queries, self.heads, self.levels, self.points, 2)
+        # Locations and weights stay float32 under bf16/fp16 autocast: a bf16 location is off by up to half a pixel
+        # on a 256-wide map.
+        offsets = at_least_float32(self.sampling_offsets(query)).view(
+            batch, queries, self.heads, self.levels, self.points, 2
+        )
         # (batch, queries, heads, levels, points)
-        weights = F.softmax(self.attention_weights(query).view(batch, queries, self.heads, -1), dim=-1)
+        weights = F.softmax(
+            at_least_float32(self.attention_weights(query)).view(batch, queries, self.heads, -1), dim=-1
+        )
         weights = weights.view(batch, queries, self.heads, self.levels, self.points)
-        locations = sampling_locations(reference_points, offsets, spatial_shapes)
+        locations = sampling_locations(at_least_float32(reference_points), offsets, spatial_shapes)
         output = ms_deform_attn(value, spatial_shapes, locations, weights, implementation=self.implementation)
         return self.output_proj(output)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision tensors; float32 and float64 pass through unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def sampling_locations(
