@@ -12,6 +12,7 @@ from torch import nn
 from ddetr.deformable_attention import MultiscaleDeformableAttention
 from ddetr.feed_forward import check_activation, feed_forward
 from ddetr.linear import Linear
+from ddetr.precision import at_least_float32, float32_region
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -150,12 +151,13 @@ class DeformableDecoder(nn.Module):
                 level_points = reference_points[:, :, None] * valid_ratios[:, None]
             hidden_states = layer(hidden_states, query_position, level_points, memory, memory_mask, spatial_shapes)
             if self.bbox_embed is not None:
-                delta = self.bbox_embed[index](hidden_states)
-                if reference_points.shape[-1] == 4:
-                    refined = (delta + inverse_sigmoid(reference_points)).sigmoid()
-                else:
-                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
-                    refined = refined.sigmoid()
+                with float32_region(hidden_states.device.type):
+                    delta = self.bbox_embed[index](at_least_float32(hidden_states))
+                    previous = inverse_sigmoid(at_least_float32(reference_points))
+                    if reference_points.shape[-1] == 4:
+                        refined = (delta + previous).sigmoid()
+                    else:
+                        refined = torch.cat([delta[..., :2] + previous, delta[..., 2:]], -1).sigmoid()
                 # The paper stops gradients between refinement stages.
                 reference_points = refined.detach()
             intermediate_states.append(hidden_states)

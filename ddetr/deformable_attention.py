@@ -11,6 +11,7 @@ from torch import nn
 
 from ddetr.linear import Linear
 from ddetr.ops import ms_deform_attn
+from ddetr.precision import at_least_float32
 
 
 class MultiscaleDeformableAttention(nn.Module):
@@ -89,11 +90,6 @@ class MultiscaleDeformableAttention(nn.Module):
         locations = sampling_locations(at_least_float32(reference_points), offsets, spatial_shapes)
         output = ms_deform_attn(value, spatial_shapes, locations, weights, implementation=self.implementation)
         return self.output_proj(output)
-
-
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast half-precision tensors; float32 and float64 pass through unchanged."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def sampling_locations(

@@ -13,6 +13,7 @@ from ddetr.decoder import inverse_sigmoid
 from ddetr.heads import build_box_heads, build_class_heads
 from ddetr.modeling import DeformableDetrModel
 from ddetr.outputs import DeformableDetrObjectDetectionOutput
+from ddetr.precision import at_least_float32, float32_region
 from ddetr.pretrained import PretrainedMixin
 
 
@@ -67,15 +68,17 @@ class DeformableDetrForObjectDetection(PretrainedMixin, nn.Module):
         # Layer l predicts relative to the reference it sampled around: the initial one, then each refinement.
         references = [outputs.init_reference_points, *outputs.intermediate_reference_points.unbind(1)[:-1]]
         layer_logits, layer_boxes = [], []
-        for level in range(hidden_states.shape[1]):
-            reference = inverse_sigmoid(references[level])
-            delta = self.bbox_embed[level](hidden_states[:, level])
-            if reference.shape[-1] == 4:
-                delta = delta + reference
-            else:
-                delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            layer_logits.append(self.class_embed[level](hidden_states[:, level]))
-            layer_boxes.append(delta.sigmoid())
+        with float32_region(hidden_states.device.type):
+            hidden_states = at_least_float32(hidden_states)
+            for level in range(hidden_states.shape[1]):
+                reference = inverse_sigmoid(at_least_float32(references[level]))
+                delta = self.bbox_embed[level](hidden_states[:, level])
+                if reference.shape[-1] == 4:
+                    delta = delta + reference
+                else:
+                    delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+                layer_logits.append(self.class_embed[level](hidden_states[:, level]))
+                layer_boxes.append(delta.sigmoid())
 
         loss = loss_dict = auxiliary_outputs = None
         if labels is not None:

@@ -14,6 +14,7 @@ from ddetr.heads import build_box_heads, build_class_heads
 from ddetr.linear import Linear
 from ddetr.outputs import DeformableDetrModelOutput
 from ddetr.position_encoding import LearnedPositionEmbedding, SinePositionEmbedding
+from ddetr.precision import at_least_float32, float32_region
 from ddetr.pretrained import PretrainedMixin
 from ddetr.two_stage import encoder_proposals, proposal_position_embedding
 
@@ -214,11 +215,12 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
         d_model = self.config.d_model
         enc_outputs_class = enc_outputs_coord_logits = None
         if self.config.two_stage:
-            proposals, proposal_memory, _ = encoder_proposals(memory, mask_flat, spatial_shapes)
-            # (batch, sequence, d_model)
-            object_queries = self.enc_output_norm(self.enc_output(proposal_memory))
-            enc_outputs_class = self.decoder.class_embed[-1](object_queries)
-            enc_outputs_coord_logits = self.decoder.bbox_embed[-1](object_queries) + proposals
+            with float32_region(memory.device.type):
+                proposals, proposal_memory, _ = encoder_proposals(at_least_float32(memory), mask_flat, spatial_shapes)
+                # (batch, sequence, d_model)
+                object_queries = self.enc_output_norm(self.enc_output(proposal_memory))
+                enc_outputs_class = self.decoder.class_embed[-1](object_queries)
+                enc_outputs_coord_logits = self.decoder.bbox_embed[-1](object_queries) + proposals
             # The paper ranks proposals by the first class channel (binary "object" score during training).
             top = torch.topk(enc_outputs_class[..., 0], self.config.two_stage_num_proposals, dim=1).indices
             top_logits = torch.gather(enc_outputs_coord_logits, 1, top[..., None].expand(-1, -1, 4)).detach()
@@ -231,7 +233,8 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
             query_position, target = self.query_position_embeddings.weight.split(d_model, dim=1)
             query_position = query_position[None].expand(batch, -1, -1)
             target = target[None].expand(batch, -1, -1)
-            reference_points = self.reference_points(query_position).sigmoid()
+            with float32_region(query_position.device.type):
+                reference_points = self.reference_points(at_least_float32(query_position)).sigmoid()
 
         hidden_states, intermediate_points, decoder_states = self.decoder(
             target,

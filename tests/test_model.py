@@ -122,3 +122,29 @@ def test_bad_inputs_raise_value_errors():
             torch.zeros(1, 3, 64, 64),
             labels=[{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, -0.1, 0.2]])}],
         )
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = perturb_(DeformableDetrForObjectDetection(tiny(decoder_layers=2, num_queries=8))).eval()
+    pixel_values, pixel_mask = batch_of_two(sizes=((64, 96), (48, 80)))
+    with torch.no_grad():
+        eager = model(pixel_values, pixel_mask)
+        compiled = torch.compile(model)(pixel_values, pixel_mask)
+    assert torch.allclose(compiled.logits, eager.logits, atol=1e-4)
+    assert torch.allclose(compiled.pred_boxes, eager.pred_boxes, atol=1e-4)
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = perturb_(DeformableDetrForObjectDetection(tiny())).eval()
+    pixel_values, pixel_mask = batch_of_two()
+    with torch.no_grad():
+        full = model(pixel_values, pixel_mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(pixel_values, pixel_mask)
+    assert half.pred_boxes.dtype == torch.float32  # boxes come out of a float32 sigmoid of refined references
+    assert (half.pred_boxes - full.pred_boxes).abs().max() < 0.05
+    agreement = torch.corrcoef(torch.stack([half.logits.float().flatten(), full.logits.flatten()]))[0, 1]
+    assert agreement > 0.99
