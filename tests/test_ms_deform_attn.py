@@ -263,3 +263,14 @@ def test_environment_variable_disables_kernel(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("DDETR_MSDA_CPU_BACKEND", "gpu")
     with pytest.raises(ValueError, match="DDETR_MSDA_CPU_BACKEND"):
         msda_cpu.load_cpp_extension()
+
+
+def test_unwritable_cache_folder_falls_back_to_private_temp_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("DDETR_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(msda_cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    folder = msda_cpu._cache_dir()
+    assert folder.parent == tmp_path / "tmp"
+    assert folder.stat().st_mode & 0o077 == 0

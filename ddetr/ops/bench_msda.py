@@ -4,7 +4,8 @@
     python -m ddetr.ops.bench_msda --shapes encoder --repeats 20 --threads 4
 
 Implementations are run interleaved (each repeat times every implementation once, in turn), so slow drifts of a shared
-machine hit all of them alike; the table reports medians and the speed-up over the reference.
+machine hit all of them alike; the table reports the median (or, with --statistic min, the best) time and the speed-up
+over the reference.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         help="reference = grid_sample oracle; cpp = compiled kernel; torch = pure-PyTorch embedding_bag path",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, like a free Space)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per implementation (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per implementation")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of value")
     parser.add_argument(
@@ -126,6 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         help="local: points a few pixels around each query's reference point (realistic); uniform: anywhere",
     )
     parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    parser.add_argument(
+        "--statistic",
+        choices=["median", "min"],
+        default="median",
+        help="summary of the repeats; min is the least disturbed by other load on a shared machine",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     print(
         f"torch {torch.__version__}, {args.threads} threads, value {args.dtype}, {args.locations} locations, "
-        f"median of {args.repeats}; kernel: {cpp_extension_path()}"
+        f"{args.statistic} of {args.repeats}; kernel: {cpp_extension_path()}"
     )
     header = f"{'case':<22} {'impl':<10} {'fwd ms':>9} {'speed-up':>9}"
     if not args.no_backward:
@@ -166,13 +173,14 @@ def main(argv: list[str] | None = None) -> None:
                     forward_times[name].append(forward)
                     if both is not None:
                         backward_times[name].append(both)
-        reference_forward = statistics.median(forward_times.get("reference", [float("nan")]))
-        reference_both = statistics.median(backward_times.get("reference") or [float("nan")])
+        summary = statistics.median if args.statistic == "median" else min
+        reference_forward = summary(forward_times.get("reference") or [float("nan")])
+        reference_both = summary(backward_times.get("reference") or [float("nan")])
         for name in implementations:
-            forward = statistics.median(forward_times[name])
+            forward = summary(forward_times[name])
             line = f"{case.name:<22} {name:<10} {forward * 1e3:>9.2f} {reference_forward / forward:>8.1f}x"
             if not args.no_backward:
-                both = statistics.median(backward_times[name])
+                both = summary(backward_times[name])
                 line += f" {both * 1e3:>11.2f} {reference_both / both:>8.1f}x"
             print(line)
 

@@ -16,8 +16,9 @@ Two backends share one ``torch.library`` custom op (so ``torch.compile`` treats 
 needed, the grid_sample reference, whose fused backward beats embedding_bag's (which sorts every corner index). The
 environment variable ``DDETR_MSDA_CPU_BACKEND=torch`` keeps the kernel from being built or loaded at all.
 
-Inputs in bfloat16/float16 are sampled in float32 (locations and weights included) and the output is cast back to the
-value dtype; float64 stays float64 (gradcheck).
+Sampling runs in float32 (locations, weights, accumulation) for every input dtype but float64, which stays float64
+(gradcheck). A bfloat16 value is read as bfloat16 by the kernel (no converted copy); the output and the value gradient
+come back in the value's dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,8 +72,8 @@ class _Kernels:
         self.path = path
         self.library = library
         pointer, index, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self.forward: dict[torch.dtype, ctypes._CFuncPtr] = {}
-        self.backward: dict[torch.dtype, ctypes._CFuncPtr] = {}
+        self.forward: dict[torch.dtype, Callable[..., None]] = {}
+        self.backward: dict[torch.dtype, Callable[..., None]] = {}
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"), (torch.bfloat16, "bf16")):
             forward = getattr(library, f"ddetr_msda_forward_{suffix}")
             forward.argtypes = [pointer] * 6 + [index] * 7 + [threads]
@@ -89,11 +91,27 @@ _load_lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
+    """``$DDETR_CACHE_DIR``, else ``$XDG_CACHE_HOME/ddetr`` or ``~/.cache/ddetr``; a private temp folder when that is
+    not writable (read-only home in some containers)."""
     explicit = os.environ.get(_CACHE_ENV)
     if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "ddetr"
+        preferred = Path(explicit)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        preferred = (Path(xdg) if xdg else Path.home() / ".cache") / "ddetr"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    fallback = Path(tempfile.gettempdir()) / f"ddetr-{user}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    # Shared temp folders: only load code from a folder that nobody else could have written into.
+    if hasattr(os, "getuid") and (fallback.stat().st_uid != os.getuid() or fallback.stat().st_mode & 0o022):
+        raise RuntimeError(f"{preferred} is not writable and {fallback} is not private to this user")
+    return fallback
 
 
 def _cpu_signature() -> str:
@@ -166,7 +184,10 @@ def _build_and_open() -> _Kernels:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    cache_dir = _cache_dir()
+    try:
+        cache_dir = _cache_dir()
+    except OSError as error:
+        raise RuntimeError(f"no writable cache folder for the compiled kernel: {error}") from error
     errors = []
     for flags in _FLAG_SETS:
         target = _library_path(compiler, flags, cache_dir)
@@ -229,8 +250,8 @@ def _resolve_backend(backend: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Kernels behind the custom op; all take contiguous tensors of one float dtype and the flat [h0, w0, h1, w1, ...]
-# spatial shapes.
+# Kernels behind the custom op. All take contiguous tensors, locations and weights in the compute dtype (float32 or
+# float64), value in that dtype or bfloat16, and the flat [h0, w0, h1, w1, ...] spatial shapes.
 
 
 @functools.lru_cache(maxsize=64)
@@ -353,8 +374,9 @@ class _Corners(NamedTuple):
 
 def _axis(
     coordinate: torch.Tensor, size: torch.Tensor
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Split pixel coordinates along one axis into two clamped integer neighbours, their weights and validity."""
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Split pixel coordinates along one axis into the two neighbouring indices (clamped into the map), their
+    bilinear weights (zero where the neighbour is outside) and their validity."""
     dtype = coordinate.dtype
     # Clamped to [-2, size + 1]: beyond that both neighbours are outside the map whatever the exact value, and the
     # clamp keeps far-away, infinite or NaN points from overflowing the integer cast or making the fraction NaN.
@@ -369,7 +391,7 @@ def _axis(
     # In-range neighbour indices: invalid ones are multiplied by a zero weight.
     low_clamped = low.clamp(min=0).minimum(size - 1)
     high_clamped = (low + 1).clamp(min=0).minimum(size - 1)
-    return low_clamped, weights, valid, high_clamped
+    return low_clamped, high_clamped, weights, valid
 
 
 def _corners(spatial_shapes: list[int], sampling_locations: torch.Tensor, sequence: int, heads: int) -> _Corners:
@@ -379,14 +401,14 @@ def _corners(spatial_shapes: list[int], sampling_locations: torch.Tensor, sequen
     # (levels, 1) so they broadcast against (batch, queries, heads, levels, points)
     height = shapes[:, :1]
     width = shapes[:, 1:]
-    x_low, weight_x, valid_x, x_high = _axis(sampling_locations[..., 0] * width.to(dtype) - 0.5, width)
-    y_low, weight_y, valid_y, y_high = _axis(sampling_locations[..., 1] * height.to(dtype) - 0.5, height)
+    x_low, x_high, weight_x, valid_x = _axis(sampling_locations[..., 0] * width.to(dtype) - 0.5, width)
+    y_low, y_high, weight_y, valid_y = _axis(sampling_locations[..., 1] * height.to(dtype) - 0.5, height)
     # Row of value.reshape(batch * sequence * heads, head_dim) = (b * sequence + start + y * width + x) * heads + h;
-    # the (b, level, y, h) part is shared by two corners.
+    # the (b, level, h) part is shared by all corners, the y part by two.
     # (batch, 1, heads, levels, 1)
-    base = (torch.arange(batch).view(batch, 1, 1, 1, 1) * sequence + starts.view(levels, 1)) * heads + torch.arange(
-        heads
-    ).view(1, 1, heads, 1, 1)
+    batch_index = torch.arange(batch).view(batch, 1, 1, 1, 1)
+    head_index = torch.arange(heads).view(1, 1, heads, 1, 1)
+    base = (batch_index * sequence + starts.view(levels, 1)) * heads + head_index
     row_low = base + y_low * (width * heads)
     row_high = base + y_high * (width * heads)
     x_low = x_low * heads
