@@ -252,6 +252,16 @@ def test_build_from_scratch(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     _assert_matches_reference("cpp", *_inputs(1, 5, 2, 4, [(3, 3)], 2))
 
 
+def test_build_retries_with_plainer_flags(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    if msda_cpu._compiler() is None:
+        pytest.skip("no C++ compiler")
+    _forget_kernel(monkeypatch, tmp_path)
+    # A flag the compiler rejects, then no flags at all: the single-threaded build without OpenMP.
+    monkeypatch.setattr(msda_cpu, "_FLAG_SETS", (("-fno-such-flag-for-ddetr",), ()))
+    assert msda_cpu.cpp_extension_path() is not None
+    _assert_matches_reference("cpp", *_inputs(2, 7, 2, 32, [(4, 5), (2, 2)], 3))
+
+
 def test_environment_variable_disables_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     _forget_kernel(monkeypatch, tmp_path)
     monkeypatch.setenv("DDETR_MSDA_CPU_BACKEND", "torch")

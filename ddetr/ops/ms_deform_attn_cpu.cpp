@@ -20,8 +20,7 @@
 // same arithmetic as grid_sample: x = loc_x * width - 0.5, corners floor(x) and floor(x) + 1, each corner checked
 // against the map on its own.
 
-#include <omp.h>
-
+// Only OpenMP pragmas, no omp.h: without -fopenmp the same source builds as a single-threaded kernel.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
