@@ -68,7 +68,7 @@ CASES = {
     "one-level": (1, 7, 2, 32, [(6, 5)], 3),
     "odd-sizes": (2, 9, 3, 5, [(7, 5), (3, 9), (1, 1)], 2),
     "four-levels-d64": (2, 11, 2, 64, [(8, 10), (4, 5), (2, 3), (1, 2)], 4),
-    "one-head": (1, 13, 1, 32, [(5, 4), (2, 2)], 4),  # fewer (batch, head) tasks than threads: chunked backward
+    "one-head": (1, 13, 1, 32, [(5, 4), (2, 2)], 4),
     "self-attention": (2, 54, 4, 8, [(6, 7), (3, 4)], 2),
 }
 
@@ -78,6 +78,16 @@ CASES = {
 def test_matches_reference_float64(backend: str, case: str) -> None:
     _require(backend)
     _assert_matches_reference(backend, *_inputs(*CASES[case]))
+
+
+@pytest.mark.parametrize("threads", [3, 8])
+@pytest.mark.parametrize("case", ["one-head", "odd-sizes", "self-attention"])
+def test_multithreaded_kernel_matches_reference(monkeypatch: pytest.MonkeyPatch, threads: int, case: str) -> None:
+    # Small problems normally run on one thread; force several, more than the (batch, head) tasks, so the forward
+    # splits queries across threads and the backward accumulates query chunks into private grad_value copies.
+    _require("cpp")
+    monkeypatch.setattr(msda_cpu, "_threads_for", lambda samples: threads)
+    _assert_matches_reference("cpp", *_inputs(*CASES[case]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
