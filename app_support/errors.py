@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,11 +30,20 @@ class UserFacingError(Exception):
 _USER_ERRORS: tuple[type[BaseException], ...] = (UserFacingError, ValueError, FileNotFoundError)
 
 
+# An absolute path inside a message (not the tail of a URL or of "owner/name"): keep only its last part.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/]+/)+([^\s'\"/]+)")
+
+
+def strip_paths(message: str) -> str:
+    """``message`` with absolute paths cut to their file name: server layout is nobody's business."""
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1), message)
+
+
 def as_user_error(error: BaseException) -> gr.Error:
     if isinstance(error, gr.Error):
         return error
     if isinstance(error, _USER_ERRORS):
-        return gr.Error(str(error) or type(error).__name__)
+        return gr.Error(strip_paths(str(error)) or type(error).__name__)
     logger.exception("unexpected error in an event handler", exc_info=error)
     return gr.Error(f"Something went wrong on the server ({type(error).__name__}); the error was logged.")
 

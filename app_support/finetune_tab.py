@@ -335,9 +335,17 @@ class FinetuneTab:
         gr.Markdown("### 3. Training")
         status = gr.HTML(elem_id="finetune-status")
         with gr.Row():
-            loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Training loss", height=260)
+            loss_plot = gr.LinePlot(
+                x="step", y="value", color="series", title="Training loss", height=260, elem_id="loss-plot"
+            )
             map_plot = gr.LinePlot(
-                x="step", y="value", color="series", title="Validation mAP", y_lim=[0, 1], height=260
+                x="step",
+                y="value",
+                color="series",
+                title="Validation mAP",
+                y_lim=[0, 1],
+                height=260,
+                elem_id="map-plot",
             )
         metrics = gr.Dataframe(headers=list(METRIC_COLUMNS), label="Evaluations", interactive=False)
         predictions = gr.Gallery(label="Latest checkpoint on validation images", columns=4, height=240)

@@ -146,6 +146,7 @@ class TrainingJobs:
         self.runs_root = Path(runs_root)
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._predict_lock = threading.Lock()  # polls from several pages must not evaluate the same checkpoint twice
         self._run: TrainingRun | None = None
         self._run_name: str | None = None
         self._validation_images: list[PIL.Image.Image] = []
@@ -249,12 +250,15 @@ class TrainingJobs:
         if checkpoint is None:
             return []
         key = (name, checkpoint.step)
-        if self._predictions[0] == key:
+        with self._predict_lock:
+            if self._predictions[0] != key:
+                detector = _checkpoint_detector(run.output_dir, checkpoint.path)
+                images = self._validation_images
+                self._predictions = (
+                    key,
+                    [(image, detector(image, threshold=PREDICTION_THRESHOLD)) for image in images],
+                )
             return self._predictions[1]
-        detector = _checkpoint_detector(run.output_dir, checkpoint.path)
-        results = [(image, detector(image, threshold=PREDICTION_THRESHOLD)) for image in self._validation_images]
-        self._predictions = (key, results)
-        return results
 
 
 def _checkpoint_detector(run_dir: Path, checkpoint_dir: Path) -> ddetr.ObjectDetectionPipeline:

@@ -135,7 +135,13 @@ def test_start_and_stop_a_tiny_finetune(page, screenshots: Path):
         "() => { const s = document.querySelector('#finetune-status-text');"
         " return s && s.innerText.includes('running') && /step [2-9]/.test(s.innerText); }"
     )
+    page.wait_for_selector("#loss-plot canvas, #loss-plot svg")
     page.screenshot(path=str(screenshots / "03-finetune-running.png"), full_page=True)
+
+    # The job lives in the server: a reloaded page finds it still running.
+    page.reload()
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.wait_for_selector("#finetune-status-text:has-text('running')")
 
     page.locator("#finetune-stop").click()
     page.wait_for_selector("#finetune-status-text:has-text('stopped')")

@@ -220,8 +220,9 @@ def test_sliders_refilter_without_running_the_model(tab_and_loader, image_path: 
 
 def test_detect_reports_bad_images_and_keeps_working(tab_and_loader, tmp_path: Path, image_path: Path):
     tab, _ = tab_and_loader
-    with pytest.raises(gr.Error, match=r"(?i)truncated|image"):
+    with pytest.raises(gr.Error, match=r"(?i)truncated|image") as caught:
         tab.detect(str(truncated_png(tmp_path / "cut.png")), "cli", 0, 0.5, 100, [])
+    assert "cut.png" in caught.value.message and str(tmp_path) not in caught.value.message  # no server paths
     (tmp_path / "text.png").write_text("<html>not an image</html>")
     with pytest.raises(gr.Error, match="not an image"):
         tab.detect(str(tmp_path / "text.png"), "cli", 0, 0.5, 100, [])
