@@ -348,7 +348,9 @@ class FinetuneTab:
                 elem_id="map-plot",
             )
         metrics = gr.Dataframe(headers=list(METRIC_COLUMNS), label="Evaluations", interactive=False)
-        predictions = gr.Gallery(label="Latest checkpoint on validation images", columns=4, height=240)
+        predictions = gr.Gallery(
+            label="Latest checkpoint on validation images (after the first checkpoint)", columns=4, height=240
+        )
         with gr.Row():
             use = gr.Button("Use in Detect", interactive=False, elem_id="use-in-detect")
             download = gr.File(

@@ -136,21 +136,24 @@ class ModelRegistry:
     # -- listing ------------------------------------------------------------------------------------------------ #
 
     def choices(self) -> list[ModelChoice]:
+        local = self._local_listing()
+        # Hub checkpoints go after the bundled model, before fine-tuned and other local ones.
+        split = sum(1 for choice in local if choice.kind in ("cli", "bundled"))
+        return _unique([*local[:split], *self._hub_choices(), *local[split:]])
+
+    def _local_listing(self) -> list[ModelChoice]:
+        """Every choice that needs no network: the --model one, the bundled model, fine-tuned and local models."""
         found: list[ModelChoice] = []
         if self.cli_model:
             found.append(self._cli_choice(self.cli_model))
         bundled = self.models_root / BUNDLED_MODEL_NAME
         if is_model_dir(bundled):
             found.append(ModelChoice("bundled", f"{BUNDLED_MODEL_NAME} (bundled)", str(bundled), "bundled"))
-        found.extend(self._hub_choices())
         for name, directory in self._finetuned():
             if is_model_dir(Path(directory)):
                 found.append(ModelChoice(f"run:{name}", f"{name} (fine-tuned here)", str(directory), "finetuned"))
         found.extend(self._local_choices(exclude={BUNDLED_MODEL_NAME}))
-        unique: dict[str, ModelChoice] = {}
-        for choice in found:
-            unique.setdefault(choice.key, choice)
-        return list(unique.values())
+        return _unique(found)
 
     def dropdown_choices(self) -> list[tuple[str, str]]:
         """``(label, key)`` pairs for ``gr.Dropdown``."""
@@ -184,7 +187,9 @@ class ModelRegistry:
     # -- lookup ------------------------------------------------------------------------------------------------- #
 
     def get(self, key: str) -> ModelChoice:
-        for choice in self.choices():
+        # Only a hub key may need to ask whether the hub is reachable; local keys never wait on the network.
+        listing = self._hub_choices() if key.startswith("hub:") else self._local_listing()
+        for choice in listing:
             if choice.key == key:
                 return choice
         raise UnknownModelError(f"model {key!r} is not available (refresh the model list)")
@@ -192,6 +197,13 @@ class ModelRegistry:
     def default(self) -> ModelChoice:
         """The model the Detect tab starts with; see :func:`resolve_default_model`."""
         return resolve_default_model(self.choices())
+
+
+def _unique(choices: list[ModelChoice]) -> list[ModelChoice]:
+    unique: dict[str, ModelChoice] = {}
+    for choice in choices:
+        unique.setdefault(choice.key, choice)
+    return list(unique.values())
 
 
 def resolve_default_model(choices: list[ModelChoice]) -> ModelChoice:

@@ -103,6 +103,15 @@ def test_registry_offers_sensetime_checkpoints_only_when_reachable(tmp_path: Pat
     assert offline_registry(tmp_path).choices() == []
 
 
+def test_local_models_are_looked_up_without_asking_the_hub(tmp_path: Path, tiny_model_dir: Path):
+    probes = []
+    link_model(tiny_model_dir, tmp_path / "ddetr-shapes")
+    registry = ModelRegistry(tmp_path, hub_reachable=lambda: probes.append(1) or True)
+    assert registry.get("bundled").kind == "bundled"
+    assert probes == []
+    assert registry.get("hub:SenseTime/deformable-detr-single-scale").kind == "hub" and probes == [1]
+
+
 def test_default_model_order_and_message(tmp_path: Path, tiny_model_dir: Path):
     link_model(tiny_model_dir, tmp_path / "ddetr-shapes")
     both = ModelRegistry(tmp_path, hub_reachable=lambda: True)
