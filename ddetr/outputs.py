@@ -53,8 +53,9 @@ class DeformableDetrModelOutput(_Output):
 
 
 @dataclass
-class DeformableDetrObjectDetectionOutput(_Output):
-    """
+class DeformableDetrObjectDetectionOutput(DeformableDetrModelOutput):
+    """The body's outputs (see DeformableDetrModelOutput) plus the detection heads' and the loss:
+
     loss                 scalar, the weighted sum of ``loss_dict`` (only when labels are given)
     loss_dict            the individual terms: loss_ce, loss_bbox, loss_giou, cardinality_error, ``_i`` per auxiliary
                          decoder layer, ``_enc`` for the two-stage proposals
@@ -62,7 +63,6 @@ class DeformableDetrObjectDetectionOutput(_Output):
     pred_boxes           (batch, queries, 4) (cx, cy, w, h) in [0, 1] of the unpadded image
     auxiliary_outputs    list of {"logits", "pred_boxes"} for the earlier decoder layers (when labels are given and
                          config.auxiliary_loss)
-    the remaining fields are those of DeformableDetrModelOutput
     """
 
     loss: torch.Tensor | None = None
@@ -70,12 +70,3 @@ class DeformableDetrObjectDetectionOutput(_Output):
     logits: torch.Tensor | None = None
     pred_boxes: torch.Tensor | None = None
     auxiliary_outputs: list[dict[str, torch.Tensor]] | None = None
-    last_hidden_state: torch.Tensor | None = None
-    init_reference_points: torch.Tensor | None = None
-    intermediate_hidden_states: torch.Tensor | None = None
-    intermediate_reference_points: torch.Tensor | None = None
-    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
-    encoder_last_hidden_state: torch.Tensor | None = None
-    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
-    enc_outputs_class: torch.Tensor | None = None
-    enc_outputs_coord_logits: torch.Tensor | None = None
