@@ -14,7 +14,8 @@ from pathlib import Path
 
 import ddetr
 from app_support.errors import UserFacingError
-from app_support.models import WEIGHT_FILES, ModelChoice
+from app_support.models import ModelChoice
+from ddetr.default_model import WEIGHT_FILES
 
 Detector = ddetr.ObjectDetectionPipeline
 Loader = Callable[[str], Detector]

@@ -10,7 +10,6 @@ listing, never turned into a path, so no request can make the app load a directo
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -20,9 +19,14 @@ from typing import Literal
 
 from app_support.errors import UserFacingError
 from app_support.paths import is_inside
+from ddetr.default_model import (
+    BUNDLED_MODEL_NAME,
+    DEFAULT_HUB_MODEL,
+    hub_cached,
+    is_model_dir,
+    probe_hub,
+)
 
-BUNDLED_MODEL_NAME = "ddetr-shapes"
-DEFAULT_HUB_MODEL = "SenseTime/deformable-detr"
 SENSETIME_CHECKPOINTS: tuple[str, ...] = (
     "SenseTime/deformable-detr",
     "SenseTime/deformable-detr-with-box-refine",
@@ -30,9 +34,7 @@ SENSETIME_CHECKPOINTS: tuple[str, ...] = (
     "SenseTime/deformable-detr-single-scale",
     "SenseTime/deformable-detr-single-scale-dc5",
 )
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HUB_PROBE_TTL_S = 600.0
-HUB_PROBE_TIMEOUT_S = 3.0
 
 ModelKind = Literal["cli", "bundled", "hub", "finetuned", "local"]
 
@@ -57,42 +59,6 @@ class ModelChoice:
     @property
     def is_local(self) -> bool:
         return self.kind != "hub"
-
-
-def is_model_dir(path: Path) -> bool:
-    """A directory that ``from_pretrained`` can load: a config and a weights file."""
-    return (path / "config.json").is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
-
-
-def hub_cached(repo_id: str) -> bool:
-    """Whether the config and weights of a hub checkpoint are in the local hub cache (no network)."""
-    import huggingface_hub
-
-    def cached(filename: str) -> bool:
-        try:
-            found = huggingface_hub.try_to_load_from_cache(repo_id, filename)
-        except Exception:  # a corrupt cache entry must not break the listing
-            return False
-        return isinstance(found, str)
-
-    return cached("config.json") and any(cached(name) for name in WEIGHT_FILES)
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def probe_hub(repo_id: str = DEFAULT_HUB_MODEL, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the hub answers for ``repo_id`` right now (a single metadata request)."""
-    if hub_offline():
-        return False
-    import huggingface_hub
-
-    try:
-        huggingface_hub.model_info(repo_id, timeout=timeout)
-    except Exception:  # offline, DNS failure, timeout, rate limit: all mean "not reachable now"
-        return False
-    return True
 
 
 class HubReachability:

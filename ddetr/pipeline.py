@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ddetr.default_model import default_model
 from ddetr.detection import DeformableDetrForObjectDetection
 from ddetr.hub import resolve_file
 from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError
 
-DEFAULT_MODEL = "SenseTime/deformable-detr"
 PREPROCESSOR_NAME = "preprocessor_config.json"
+logger = logging.getLogger(__name__)
 
 Detection = dict[str, Any]
 
@@ -104,12 +106,14 @@ def pipeline(
     top_k: int = 100,
 ) -> ObjectDetectionPipeline:
     """Build a detector. ``model`` is a directory, a hub repo id, or a loaded model; None means
-    ``SenseTime/deformable-detr`` (from the hub cache or the hub)."""
+    ``SenseTime/deformable-detr`` when cached or reachable, else the bundled shapes model (logged)."""
     if task != "object-detection":
         raise ValueError(f"only the 'object-detection' task is supported, got {task!r}")
     source: str | os.PathLike | None = None
     if model is None:
-        model = DEFAULT_MODEL
+        chosen = default_model()
+        logger.info("ddetr.pipeline: using %s", chosen.reason)
+        model = chosen.source
     if not isinstance(model, DeformableDetrForObjectDetection):
         source = model
         model = DeformableDetrForObjectDetection.from_pretrained(model)

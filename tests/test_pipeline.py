@@ -132,3 +132,22 @@ def test_every_corpus_file_is_detected_on_or_refused(detector_dir, corpus):
             assert outcome == entry.expectation, entry.name
         outcomes[entry.name] = outcome
     assert len(outcomes) >= 40 and set(outcomes.values()) == {ACCEPT, REJECT}
+
+
+def test_default_model_falls_back_to_the_bundled_one(detector_dir, tmp_path, monkeypatch):
+    from ddetr import default_model as defaults
+
+    monkeypatch.setattr(defaults, "hub_cached", lambda repo: False)
+    monkeypatch.setattr(defaults, "probe_hub", lambda repo: False)
+    chosen = defaults.default_model(bundled_dir=detector_dir)
+    assert chosen.source == str(detector_dir) and "bundled" in chosen.reason
+    with pytest.raises(ValueError, match="no default model"):
+        defaults.default_model(bundled_dir=tmp_path / "missing")
+    monkeypatch.setattr(defaults, "hub_cached", lambda repo: repo == defaults.DEFAULT_HUB_MODEL)
+    assert defaults.default_model(bundled_dir=detector_dir).source == "SenseTime/deformable-detr"
+
+    monkeypatch.setattr(defaults, "hub_cached", lambda repo: False)
+    monkeypatch.setattr(defaults, "BUNDLED_MODEL_DIR", detector_dir)
+    monkeypatch.setattr(defaults.default_model, "__defaults__", (detector_dir,))
+    detector = ddetr.pipeline()
+    assert detector.model.config.id2label[0] == "circle"
