@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +46,14 @@ def _inputs(
     return value, spatial_shapes, locations, weights
 
 
-def _outputs_and_grads(function, value, spatial_shapes, locations, weights, grad_output=None):
+def _outputs_and_grads(
+    function: Callable[..., torch.Tensor],
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]] | None,
+    locations: torch.Tensor,
+    weights: torch.Tensor,
+    grad_output: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     leaves = [tensor.detach().requires_grad_(True) for tensor in (value, locations, weights)]
     output = function(leaves[0], spatial_shapes, leaves[1], leaves[2])
     if grad_output is None:
@@ -53,7 +62,15 @@ def _outputs_and_grads(function, value, spatial_shapes, locations, weights, grad
     return output, grads
 
 
-def _assert_matches_reference(backend, value, spatial_shapes, locations, weights, rtol=1e-10, atol=1e-10):
+def _assert_matches_reference(
+    backend: str,
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    locations: torch.Tensor,
+    weights: torch.Tensor,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+) -> None:
     expected, expected_grads = _outputs_and_grads(ms_deform_attn_reference, value, spatial_shapes, locations, weights)
     actual, actual_grads = _outputs_and_grads(
         lambda *args: ms_deform_attn_cpu(*args, backend=backend), value, spatial_shapes, locations, weights
@@ -187,7 +204,7 @@ def test_dispatcher_uses_fast_path_on_cpu() -> None:
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_torch_compile(backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_torch_compile(backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     if backend == "auto":
         # The hardest case for "auto": the first call ever is traced, before anyone knows whether the kernel builds.
         monkeypatch.setattr(msda_cpu, "_kernels", None)
@@ -227,14 +244,14 @@ def test_invalid_inputs_raise_value_error() -> None:
         ms_deform_attn_cpu(value, spatial_shapes, locations, weights, backend="cuda")
 
 
-def _forget_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def _forget_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Make the next call try to build from scratch, into an empty cache."""
     monkeypatch.setattr(msda_cpu, "_kernels", None)
     monkeypatch.setattr(msda_cpu, "_load_attempted", False)
     monkeypatch.setenv("DDETR_CACHE_DIR", str(tmp_path))
 
 
-def test_build_failure_falls_back_to_pure_path(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_build_failure_falls_back_to_pure_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _forget_kernel(monkeypatch, tmp_path)
     monkeypatch.setattr(msda_cpu, "_compiler", lambda: str(tmp_path / "no-such-compiler"))
     value, spatial_shapes, locations, weights = _inputs(1, 5, 2, 4, [(3, 3)], 2)
@@ -252,7 +269,7 @@ def test_build_failure_falls_back_to_pure_path(monkeypatch: pytest.MonkeyPatch, 
         ms_deform_attn_cpu(value, spatial_shapes, locations, weights, backend="cpp")
 
 
-def test_build_from_scratch(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_build_from_scratch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     if msda_cpu._compiler() is None:
         pytest.skip("no C++ compiler")
     _forget_kernel(monkeypatch, tmp_path)
@@ -262,7 +279,7 @@ def test_build_from_scratch(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     _assert_matches_reference("cpp", *_inputs(1, 5, 2, 4, [(3, 3)], 2))
 
 
-def test_build_retries_with_plainer_flags(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_build_retries_with_plainer_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     if msda_cpu._compiler() is None:
         pytest.skip("no C++ compiler")
     _forget_kernel(monkeypatch, tmp_path)
@@ -272,7 +289,7 @@ def test_build_retries_with_plainer_flags(monkeypatch: pytest.MonkeyPatch, tmp_p
     _assert_matches_reference("cpp", *_inputs(2, 7, 2, 32, [(4, 5), (2, 2)], 3))
 
 
-def test_environment_variable_disables_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_environment_variable_disables_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _forget_kernel(monkeypatch, tmp_path)
     monkeypatch.setenv("DDETR_MSDA_CPU_BACKEND", "torch")
     with warnings.catch_warnings():
@@ -285,7 +302,7 @@ def test_environment_variable_disables_kernel(monkeypatch: pytest.MonkeyPatch, t
         msda_cpu.load_cpp_extension()
 
 
-def test_unwritable_cache_folder_falls_back_to_private_temp_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_unwritable_cache_folder_uses_private_temp_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("DDETR_CACHE_DIR", str(blocker / "cache"))
