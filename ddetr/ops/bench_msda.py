@@ -90,7 +90,16 @@ def _reference(
     return output.to(value.dtype)
 
 
+def _fresh(inputs: tuple) -> tuple:
+    # In the model, value_proj writes value and the offset/weight heads write the rest just before the op; copying
+    # them right before each timed call puts them in the same (partly cache-resident) state for every implementation,
+    # instead of whatever the previous implementation's run left in the caches.
+    value, shapes, locations, weights = inputs
+    return value.clone(), shapes, locations.clone(), weights.clone()
+
+
 def _time_forward(function: Callable, inputs: tuple) -> float:
+    inputs = _fresh(inputs)
     with torch.no_grad():
         start = time.perf_counter()
         function(*inputs)
@@ -98,8 +107,9 @@ def _time_forward(function: Callable, inputs: tuple) -> float:
 
 
 def _time_forward_backward(function: Callable, inputs: tuple, grad_output: torch.Tensor) -> float:
-    value, shapes, locations, weights = inputs
-    leaves = [tensor.detach().requires_grad_(True) for tensor in (value, locations, weights)]
+    value, shapes, locations, weights = _fresh(inputs)
+    leaves = [tensor.requires_grad_(True) for tensor in (value, locations, weights)]
+    grad_output = grad_output.clone()
     start = time.perf_counter()
     output = function(leaves[0], shapes, leaves[1], leaves[2])
     torch.autograd.grad(output, leaves, grad_output)
