@@ -1,0 +1,169 @@
+"""``python -m finetune``: the command line of the training engine (also under ``torchrun``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from finetune.api import resume_config
+from finetune.augment import AUGMENT_MODES
+from finetune.config import PRECISIONS, SCHEDULES, TrainConfig
+from finetune.presets import PRESETS
+from finetune.trainer import Trainer
+
+EXIT_DIVERGED = 3
+EXIT_BAD_INPUT = 2
+
+_EPILOG = """\
+dataset SRC: shapes[:train=N,validation=N,test=N,size=PX] (synthetic), a folder written by save_to_disk, a COCO JSON
+  file or COCO folder (Roboflow or COCO-2017 layout), an image folder with metadata.jsonl, or a Hugging Face hub id.
+model SRC: a preset ({presets}) trained from scratch, or a checkpoint folder / hub id to fine-tune (class heads are
+  re-initialised when the dataset's classes differ).
+
+examples:
+  python -m finetune --dataset shapes --model small --output-dir runs/shapes --epochs 30 --batch-size 8
+  python -m finetune --resume --output-dir runs/shapes
+  torchrun --nproc_per_node=2 -m finetune --dataset cppe5_dir --model r50 --output-dir runs/cppe5
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig(dataset="-")
+    presets = ", ".join(f"{name} ({preset.description})" for name, preset in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Train or fine-tune Deformable DETR on a detection dataset, with COCO evaluation and exact resume.",
+        epilog=_EPILOG.format(presets=presets),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+
+    def add(group: Any, flag: str, field: str, help: str, **kwargs: Any) -> None:
+        default = getattr(defaults, field)
+        shown = default is not None and not isinstance(default, bool) and field not in ("dataset", "output_dir")
+        suffix = f" (default: {default})" if shown else ""
+        group.add_argument(flag, dest=field, help=help + suffix, **kwargs)
+
+    group = parser.add_argument_group("what to train")
+    add(group, "--dataset", "dataset", "dataset source (see below)", metavar="SRC")
+    add(group, "--model", "model", "preset name, checkpoint folder or hub id", metavar="SRC")
+    add(group, "--output-dir", "output_dir", "run folder: metrics, plots, checkpoints, final model", metavar="DIR")
+    add(
+        group,
+        "--resume",
+        "resume",
+        "continue the run in --output-dir from its latest complete checkpoint",
+        action="store_true",
+    )
+    add(group, "--strict", "strict", "treat any dataset problem as an error naming the record", action="store_true")
+    add(
+        group,
+        "--validation-fraction",
+        "validation_fraction",
+        "share of train held out when there is no validation split",
+        type=float,
+    )
+
+    group = parser.add_argument_group("length and batches")
+    add(group, "--epochs", "epochs", "epochs to train", type=int)
+    add(group, "--max-steps", "max_steps", "optimizer steps to train (overrides --epochs)", type=int)
+    add(group, "--batch-size", "batch_size", "images per process and step", type=int)
+    add(group, "--grad-accum-steps", "grad_accum_steps", "batches accumulated per optimizer step", type=int)
+    add(group, "--image-size", "image_size", "short side in pixels at evaluation (default: the model's)", type=int)
+    add(group, "--max-size", "max_size", "long side cap in pixels (default: 1333/800 of --image-size)", type=int)
+    add(group, "--augment", "augment", "augmentation recipe", choices=AUGMENT_MODES)
+    add(group, "--seed", "seed", "random seed", type=int)
+    add(group, "--dropout", "dropout", "transformer dropout (default: the model's)", type=float)
+
+    group = parser.add_argument_group("optimisation (paper recipe by default)")
+    add(group, "--lr", "lr", "learning rate", type=float)
+    add(group, "--lr-backbone", "lr_backbone", "backbone learning rate", type=float)
+    add(group, "--weight-decay", "weight_decay", "AdamW weight decay", type=float)
+    add(group, "--clip-grad-norm", "clip_grad_norm", "gradient norm clip (0: off)", type=float)
+    add(group, "--lr-schedule", "lr_schedule", "LR schedule", choices=SCHEDULES)
+    add(
+        group,
+        "--lr-drop",
+        "lr_drop",
+        "fraction of training after which the step schedule multiplies the LR by 0.1",
+        type=float,
+    )
+    add(group, "--warmup-steps", "warmup_steps", "linear LR warm-up steps", type=int)
+    add(
+        group,
+        "--precision",
+        "precision",
+        "numeric precision (auto: bf16 on capable GPUs, fp32 on CPU)",
+        choices=PRECISIONS,
+    )
+    add(
+        group,
+        "--ema",
+        "ema",
+        "keep an exponential moving average of the weights (evaluated and exported)",
+        action="store_true",
+    )
+    add(group, "--ema-decay", "ema_decay", "EMA decay", type=float)
+
+    group = parser.add_argument_group("checkpoints, evaluation and logging")
+    add(group, "--save-every", "save_every", "checkpoint every N steps (0: only on stop and at the end)", type=int)
+    add(group, "--keep-checkpoints", "keep_checkpoints", "complete checkpoints kept", type=int)
+    add(
+        group,
+        "--eval-every",
+        "eval_every",
+        "evaluate the validation split every N epochs (0: only at the end)",
+        type=int,
+    )
+    add(
+        group,
+        "--eval-batch-size",
+        "eval_batch_size",
+        "images per process when evaluating (default: --batch-size)",
+        type=int,
+    )
+    add(group, "--log-every", "log_every", "write a metrics record every N steps", type=int)
+    add(group, "--device", "device", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
+    add(group, "--num-workers", "num_workers", "data loading worker processes", type=int)
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return parser
+
+
+def config_from_arguments(arguments: dict[str, Any]) -> TrainConfig:
+    """A new run's settings, or the saved ones of the run being resumed (with the allowed overrides)."""
+    if arguments.get("resume"):
+        if "output_dir" not in arguments:
+            raise ValueError("--resume needs --output-dir, the folder of the run to continue")
+        overrides = {key: value for key, value in arguments.items() if key not in ("output_dir", "resume")}
+        return resume_config(arguments["output_dir"], **overrides)
+    missing = [flag for flag, key in (("--dataset", "dataset"), ("--output-dir", "output_dir")) if key not in arguments]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} required (or --resume with --output-dir)")
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{key: value for key, value in arguments.items() if key in known})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = vars(parser.parse_args(argv))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = config_from_arguments(arguments)
+        result = Trainer(config).run()
+    except (ValueError, FileNotFoundError) as error:
+        # Bad settings, data or model sources: a message, not a traceback (a missing checkpoint is FileNotFound).
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if rank == 0:
+        print(result.message)
+    return EXIT_DIVERGED if result.state == "diverged" else 0
