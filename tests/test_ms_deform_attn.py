@@ -228,6 +228,35 @@ def test_torch_compile(backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: 
         torch.testing.assert_close(got, want)
 
 
+def test_custom_op_registration() -> None:
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch of the op that torch.compile sees;
+    # eager calls use an equivalent autograd.Function instead.
+    _require("cpp")
+    value, spatial_shapes, locations, weights = _inputs(2, 5, 2, 4, [(3, 4), (2, 2)], 2)
+    flat_shapes = [size for shape in spatial_shapes for size in shape]
+    for tensor in (value, locations, weights):
+        tensor.requires_grad_(True)
+    torch.library.opcheck(msda_cpu._forward_op, (value, flat_shapes, locations, weights, "cpp"))
+    grad_output = torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.library.opcheck(
+        msda_cpu._backward_op, (grad_output, value.detach(), flat_shapes, locations.detach(), weights.detach(), "cpp")
+    )
+
+
+def test_custom_op_pure_path_matches_reference() -> None:
+    # The op falls back to pure PyTorch (backward through torch.func.vjp) when a graph traced before the first eager
+    # call finds at run time that the kernel does not build.
+    value, spatial_shapes, locations, weights = _inputs(2, 9, 3, 5, [(7, 5), (3, 9), (1, 1)], 2)
+    flat_shapes = [size for shape in spatial_shapes for size in shape]
+    expected, expected_grads = _outputs_and_grads(ms_deform_attn_reference, value, spatial_shapes, locations, weights)
+    actual, actual_grads = _outputs_and_grads(
+        lambda v, _, loc, w: msda_cpu._forward_op(v, flat_shapes, loc, w, "torch"), value, None, locations, weights
+    )
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_invalid_inputs_raise_value_error() -> None:
     value, spatial_shapes, locations, weights = _inputs(1, 5, 2, 4, [(3, 3)], 2)
     with pytest.raises(ValueError, match="do not cover"):

@@ -1,7 +1,7 @@
 """Fast CPU multi-scale deformable attention, forward and backward.
 
-Two backends share one ``torch.library`` custom op (so ``torch.compile`` treats the op as opaque and autograd comes from
-``register_autograd``):
+Two backends behind one ``torch.library`` custom op (so ``torch.compile`` treats the op as opaque and autograd comes
+from ``register_autograd``) and, in eager mode, an equivalent ``autograd.Function`` that skips the op dispatcher:
 
 ``"cpp"``    a small C++/OpenMP kernel (``ms_deform_attn_cpu.cpp``) compiled on first use with the system C++ compiler
              and loaded through ``ctypes``. It needs no torch or Python headers and no ninja, builds in about a second,
@@ -36,7 +36,6 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -237,16 +236,20 @@ def cpp_extension_path() -> Path | None:
     return None if kernels is None else kernels.path
 
 
-def _resolve_backend(backend: str) -> str:
-    if backend == "torch":
-        return backend
-    if load_cpp_extension() is not None:
-        return "cpp"
-    if backend == "cpp":
+def _require_kernels() -> _Kernels:
+    kernels = load_cpp_extension()
+    if kernels is None:
         raise RuntimeError(
             f"backend='cpp' was requested but the C++ kernel is unavailable (build failure warning, or {_BACKEND_ENV})"
         )
-    return "torch"
+    return kernels
+
+
+def _resolve_backend(backend: str) -> str:
+    """``"cpp"`` or ``"torch"``; ``"auto"`` is decided by whether the kernel builds."""
+    if backend == "auto":
+        return "cpp" if load_cpp_extension() is not None else "torch"
+    return backend
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,17 +257,22 @@ def _resolve_backend(backend: str) -> str:
 # float64), value in that dtype or bfloat16, and the flat [h0, w0, h1, w1, ...] spatial shapes.
 
 
-@functools.lru_cache(maxsize=64)
-def _level_tables_cached(spatial_shapes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    # (levels, 2) as (height, width), and (levels,) first sequence index of each level. Cached: shapes repeat for
-    # every layer and call, and the kernels only read them.
+def _build_level_tables(spatial_shapes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    # (levels, 2) as (height, width), and (levels,) first sequence index of each level
     shapes = torch.tensor(spatial_shapes, dtype=torch.int64).view(-1, 2)
     starts = torch.zeros(shapes.shape[0], dtype=torch.int64)
     starts[1:] = (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]
     return shapes, starts
 
 
+# Shapes repeat for every layer and call, and the kernels only read the tables.
+_level_tables_cached = functools.lru_cache(maxsize=64)(_build_level_tables)
+
+
 def _level_tables(spatial_shapes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        # Traced graphs bake the tables in as constants; the cache would only earn a Dynamo warning.
+        return _build_level_tables(tuple(spatial_shapes))
     return _level_tables_cached(tuple(spatial_shapes))
 
 
@@ -276,9 +284,7 @@ def _threads_for(samples: int) -> int:
 def _cpp_forward(
     value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
 ) -> torch.Tensor:
-    kernels = load_cpp_extension()
-    if kernels is None:
-        raise RuntimeError("the C++ deformable-attention kernel is not available")
+    kernels = _require_kernels()
     batch, sequence, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     shapes, starts = _level_tables(spatial_shapes)
@@ -310,9 +316,7 @@ def _cpp_backward(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = load_cpp_extension()
-    if kernels is None:
-        raise RuntimeError("the C++ deformable-attention kernel is not available")
+    kernels = _require_kernels()
     batch, sequence, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     shapes, starts = _level_tables(spatial_shapes)
@@ -358,89 +362,60 @@ def _cpp_backward(
     return grad_value, grad_locations, grad_weights
 
 
-class _Corners(NamedTuple):
-    """The four bilinear corners of every sampling point, for the pure-PyTorch backend.
-
-    Corner c = (dx, dy) with c = 2 * dy + dx. Out-of-map corners keep an in-range (clamped) row and get zero weight,
-    so ``embedding_bag`` needs no masking; the per-axis validity is kept for the gradient.
-    """
-
-    rows: torch.Tensor  # (batch * queries * heads, levels * points * 4) rows of value.reshape(-1, head_dim)
-    weight_x: tuple[torch.Tensor, torch.Tensor]  # (batch, queries, heads, levels, points) (1 - fx, fx) x validity
-    weight_y: tuple[torch.Tensor, torch.Tensor]  # (batch, queries, heads, levels, points) (1 - fy, fy) x validity
-    valid_x: tuple[torch.Tensor, torch.Tensor]  # (batch, queries, heads, levels, points) column x0 / x0 + 1 in map
-    valid_y: tuple[torch.Tensor, torch.Tensor]  # (batch, queries, heads, levels, points) row y0 / y0 + 1 in map
-
-
 def _axis(
     coordinate: torch.Tensor, size: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Split pixel coordinates along one axis into the two neighbouring indices (clamped into the map), their
-    bilinear weights (zero where the neighbour is outside) and their validity."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split pixel coordinates along one axis into the two neighbouring indices (clamped into the map) and their
+    bilinear weights, zero where the neighbour is outside the map. Differentiable in ``coordinate``."""
     dtype = coordinate.dtype
     # Clamped to [-2, size + 1]: beyond that both neighbours are outside the map whatever the exact value, and the
     # clamp keeps far-away, infinite or NaN points from overflowing the integer cast or making the fraction NaN.
     coordinate = torch.nan_to_num(coordinate, nan=-2.0).clamp(min=-2.0).minimum((size + 1).to(dtype))
-    floor = coordinate.floor()
+    floor = coordinate.detach().floor()
+    # d(fraction)/d(coordinate) = 1, so autograd reproduces grid_sample's gradient, including at integer positions.
     fraction = coordinate - floor
     low = floor.long()
-    valid_low = (low >= 0) & (low < size)
-    valid_high = (low >= -1) & (low < size - 1)
-    weights = ((1 - fraction) * valid_low.to(dtype), fraction * valid_high.to(dtype))
-    valid = (valid_low.to(dtype), valid_high.to(dtype))
-    # In-range neighbour indices: invalid ones are multiplied by a zero weight.
-    low_clamped = low.clamp(min=0).minimum(size - 1)
-    high_clamped = (low + 1).clamp(min=0).minimum(size - 1)
-    return low_clamped, high_clamped, weights, valid
+    weight_low = (1 - fraction) * ((low >= 0) & (low < size)).to(dtype)
+    weight_high = fraction * ((low >= -1) & (low < size - 1)).to(dtype)
+    # Out-of-map neighbours get an in-range index; their zero weight cancels them (and their gradient).
+    return low.clamp(min=0).minimum(size - 1), (low + 1).clamp(min=0).minimum(size - 1), weight_low, weight_high
 
 
-def _corners(spatial_shapes: list[int], sampling_locations: torch.Tensor, sequence: int, heads: int) -> _Corners:
-    batch, queries, _, levels, points, _ = sampling_locations.shape
+def _torch_msda(
+    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    """Pure-PyTorch path, differentiable by autograd: every bilinear corner becomes a row index into
+    ``value.reshape(batch * sequence * heads, head_dim)`` and a weight (bilinear x attention), and
+    ``F.embedding_bag(mode="sum")`` gathers and sums them without materialising one row per corner."""
+    batch, sequence, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
     dtype = sampling_locations.dtype
     shapes, starts = _level_tables(spatial_shapes)
     # (levels, 1) so they broadcast against (batch, queries, heads, levels, points)
     height = shapes[:, :1]
     width = shapes[:, 1:]
-    x_low, x_high, weight_x, valid_x = _axis(sampling_locations[..., 0] * width.to(dtype) - 0.5, width)
-    y_low, y_high, weight_y, valid_y = _axis(sampling_locations[..., 1] * height.to(dtype) - 0.5, height)
-    # Row of value.reshape(batch * sequence * heads, head_dim) = (b * sequence + start + y * width + x) * heads + h;
-    # the (b, level, h) part is shared by all corners, the y part by two.
-    # (batch, 1, heads, levels, 1)
+    # (batch, queries, heads, levels, points) each
+    x_low, x_high, weight_x0, weight_x1 = _axis(sampling_locations[..., 0] * width.to(dtype) - 0.5, width)
+    y_low, y_high, weight_y0, weight_y1 = _axis(sampling_locations[..., 1] * height.to(dtype) - 0.5, height)
+    # Row = (b * sequence + start + y * width + x) * heads + h; the (b, level, h) part is shared by all corners.
     batch_index = torch.arange(batch).view(batch, 1, 1, 1, 1)
     head_index = torch.arange(heads).view(1, 1, heads, 1, 1)
+    # (batch, 1, heads, levels, 1)
     base = (batch_index * sequence + starts.view(levels, 1)) * heads + head_index
     row_low = base + y_low * (width * heads)
     row_high = base + y_high * (width * heads)
     x_low = x_low * heads
     x_high = x_high * heads
-    # (batch, queries, heads, levels, points, 4)
+    # (batch * queries * heads, levels * points * 4), corner order (x0, y0), (x1, y0), (x0, y1), (x1, y1)
     rows = torch.stack((row_low + x_low, row_low + x_high, row_high + x_low, row_high + x_high), dim=-1)
-    return _Corners(rows.view(batch * queries * heads, levels * points * 4), weight_x, weight_y, valid_x, valid_y)
-
-
-def _corner_weights(corners: _Corners, attention_weights: torch.Tensor) -> torch.Tensor:
-    """Bilinear x attention weight of every corner, (batch * queries * heads, levels * points * 4)."""
-    weight_x0, weight_x1 = corners.weight_x
-    attention_y0 = attention_weights * corners.weight_y[0]
-    attention_y1 = attention_weights * corners.weight_y[1]
-    stacked = torch.stack(
+    rows = rows.view(batch * queries * heads, levels * points * 4)
+    attention_y0 = attention_weights * weight_y0
+    attention_y1 = attention_weights * weight_y1
+    corner_weights = torch.stack(
         (attention_y0 * weight_x0, attention_y0 * weight_x1, attention_y1 * weight_x0, attention_y1 * weight_x1), dim=-1
-    )
-    return stacked.view(corners.rows.shape)
-
-
-def _torch_forward(
-    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
-) -> torch.Tensor:
-    batch, sequence, heads, head_dim = value.shape
-    queries = sampling_locations.shape[1]
-    corners = _corners(spatial_shapes, sampling_locations, sequence, heads)
-    output = F.embedding_bag(
-        corners.rows,
-        value.reshape(-1, head_dim).to(sampling_locations.dtype),
-        per_sample_weights=_corner_weights(corners, attention_weights),
-        mode="sum",
-    )
+    ).view(rows.shape)
+    value_rows = value.reshape(-1, head_dim).to(dtype)
+    output = F.embedding_bag(rows, value_rows, per_sample_weights=corner_weights, mode="sum")
     return output.view(batch, queries, heads * head_dim)
 
 
@@ -451,37 +426,13 @@ def _torch_backward(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, sequence, heads, head_dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    corners = _corners(spatial_shapes, sampling_locations, sequence, heads)
+    # Only reached inside the custom op (a traced graph whose kernel turned out not to build at run time), where the
+    # autograd dispatch key is already gone: torch.func.vjp brings its own.
+    def function(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return _torch_msda(value, spatial_shapes, locations, weights)
 
-    # Differentiate embedding_bag itself: its fused backward gives grad of the value rows and, per corner, the dot
-    # product <grad_output, corner value> without materialising one row per corner. torch.func.vjp rather than
-    # torch.autograd.grad because a custom op's implementation runs below the autograd dispatch key.
-    def bag(value_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return F.embedding_bag(corners.rows, value_rows, per_sample_weights=weights, mode="sum")
-
-    value_rows = value.reshape(-1, head_dim).to(sampling_locations.dtype)
-    output, pullback = torch.func.vjp(bag, value_rows, _corner_weights(corners, attention_weights))
-    grad_rows, corner_dots = pullback(grad_output.reshape(output.shape))
-    # (batch, queries, heads, levels, points) each; dots of out-of-map corners are finite and meet zero weights.
-    dot00, dot01, dot10, dot11 = corner_dots.view(batch, queries, heads, levels, points, 4).unbind(-1)
-    weight_x0, weight_x1 = corners.weight_x
-    weight_y0, weight_y1 = corners.weight_y
-    valid_x0, valid_x1 = corners.valid_x
-    valid_y0, valid_y1 = corners.valid_y
-    sample_y0 = weight_x0 * dot00 + weight_x1 * dot01
-    sample_y1 = weight_x0 * dot10 + weight_x1 * dot11
-    grad_weights = weight_y0 * sample_y0 + weight_y1 * sample_y1
-    shapes, _ = _level_tables(spatial_shapes)
-    # (levels, 1): chain rule through x = loc_x * width - 0.5
-    height = shapes[:, :1].to(sampling_locations.dtype)
-    width = shapes[:, 1:].to(sampling_locations.dtype)
-    # d(1 - fx)/dx = -1 and d(fx)/dx = 1, each only where that column is inside the map (as in grid_sample).
-    slope_x = weight_y0 * (valid_x1 * dot01 - valid_x0 * dot00) + weight_y1 * (valid_x1 * dot11 - valid_x0 * dot10)
-    slope_y = weight_x0 * (valid_y1 * dot10 - valid_y0 * dot00) + weight_x1 * (valid_y1 * dot11 - valid_y0 * dot01)
-    grad_locations = torch.stack((slope_x * width, slope_y * height), dim=-1) * attention_weights.unsqueeze(-1)
-    return grad_rows.view_as(value).to(value.dtype), grad_locations, grad_weights
+    _, pullback = torch.func.vjp(function, value, sampling_locations, attention_weights)
+    return pullback(grad_output)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -496,7 +447,7 @@ def _forward_op(
     attention_weights: torch.Tensor,
     backend: str,
 ) -> torch.Tensor:
-    forward = _cpp_forward if _resolve_backend(backend) == "cpp" else _torch_forward
+    forward = _cpp_forward if _resolve_backend(backend) == "cpp" else _torch_msda
     return forward(value, spatial_shapes, sampling_locations, attention_weights)
 
 
@@ -522,7 +473,7 @@ def _backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backward = _cpp_backward if _resolve_backend(backend) == "cpp" else _torch_backward
-    return backward(grad_output.contiguous(), value, spatial_shapes, sampling_locations, attention_weights)
+    return backward(grad_output, value, spatial_shapes, sampling_locations, attention_weights)
 
 
 @_backward_op.register_fake
@@ -547,12 +498,39 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:
     value, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_locations, grad_weights = _backward_op(
-        grad_output, value, ctx.spatial_shapes, sampling_locations, attention_weights, ctx.backend
+        grad_output.contiguous(), value, ctx.spatial_shapes, sampling_locations, attention_weights, ctx.backend
     )
     return grad_value, None, grad_locations, grad_weights, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _CppFunction(torch.autograd.Function):
+    """The compiled kernel for eager calls: same as the custom op, without the op dispatcher, whose first call imports
+    torch._dynamo (about a second before the first inference of an app that never compiles) and which adds ~10 us
+    per call."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        value: torch.Tensor,
+        spatial_shapes: list[int],
+        sampling_locations: torch.Tensor,
+        attention_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(value, sampling_locations, attention_weights)
+        ctx.spatial_shapes = spatial_shapes
+        return _cpp_forward(value, spatial_shapes, sampling_locations, attention_weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:
+        value, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = _cpp_backward(
+            grad_output.contiguous(), value, ctx.spatial_shapes, sampling_locations, attention_weights
+        )
+        return grad_value, None, grad_locations, grad_weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -621,23 +599,25 @@ def ms_deform_attn_cpu(
         value = value.to(compute_dtype)
     sampling_locations = sampling_locations.to(compute_dtype)
     attention_weights = attention_weights.to(compute_dtype)
+    flat_shapes = [size for shape in shapes for size in shape]
     if backend == "auto" and not torch.compiler.is_compiling():
         # Eager calls learn now whether the compiled kernel exists (the first one builds it). Compiled graphs read
         # the outcome if it is known and otherwise leave the choice to the op at run time.
         load_cpp_extension()
-    pure_fallback = backend == "auto" and _load_attempted and _kernels is None
-    if pure_fallback and _needs_grad(value, sampling_locations, attention_weights):
+    kernel_missing = _load_attempted and _kernels is None
+    if backend == "auto" and kernel_missing and _needs_grad(value, sampling_locations, attention_weights):
         # Without the compiled kernel, training is faster on the grid_sample reference: embedding_bag's backward
         # sorts all corner indices and loses to grid_sample's fused backward (see bench_msda).
         output = ms_deform_attn_reference(value.to(compute_dtype), shapes, sampling_locations, attention_weights)
+    elif backend == "torch" or (backend == "auto" and kernel_missing):
+        output = _torch_msda(value, flat_shapes, sampling_locations, attention_weights)
+    elif torch.compiler.is_compiling():
+        arguments = (value.contiguous(), flat_shapes, sampling_locations.contiguous(), attention_weights.contiguous())
+        output = _forward_op(*arguments, backend)
     else:
-        output = _forward_op(
-            value.contiguous(),
-            [size for shape in shapes for size in shape],
-            sampling_locations.contiguous(),
-            attention_weights.contiguous(),
-            backend,
-        )
+        _require_kernels()
+        arguments = (value.contiguous(), flat_shapes, sampling_locations.contiguous(), attention_weights.contiguous())
+        output = _CppFunction.apply(*arguments)
     return output.to(original_dtype)
 
 
