@@ -1,16 +1,16 @@
 """Fast CPU multi-scale deformable attention, forward and backward.
 
-Two backends behind one ``torch.library`` custom op (so ``torch.compile`` treats the op as opaque and autograd comes
-from ``register_autograd``) and, in eager mode, an equivalent ``autograd.Function`` that skips the op dispatcher:
-
 ``"cpp"``    a small C++/OpenMP kernel (``ms_deform_attn_cpu.cpp``) compiled on first use with the system C++ compiler
              and loaded through ``ctypes``. It needs no torch or Python headers and no ninja, builds in about a second,
              and is cached per source, compiler, flags and CPU in ``$DDETR_CACHE_DIR`` (default
              ``~/.cache/ddetr``). Forward parallelises over (batch, queries); backward over (batch, heads), so every
-             task owns its slice of ``grad_value``: no atomics, deterministic.
-``"torch"``  pure PyTorch: the four bilinear corners become flat row indices and per-corner weights (bilinear x
-             attention) fed to ``F.embedding_bag(mode="sum")``, a fused gather + weighted sum that never materialises
-             the sampled values. Used when the compiler is missing or the build fails (a warning is emitted once).
+             task owns its slice of ``grad_value``: no atomics, deterministic. Eager calls go through an
+             ``autograd.Function``; under ``torch.compile`` the same kernels sit behind a ``torch.library`` custom op
+             (opaque to the compiler, autograd from ``register_autograd``).
+``"torch"``  pure PyTorch, differentiated by autograd: the four bilinear corners become flat row indices and
+             per-corner weights (bilinear x attention) fed to ``F.embedding_bag(mode="sum")``, a fused gather +
+             weighted sum that never materialises the sampled values. Used when the compiler is missing or the build
+             fails (a warning is emitted once).
 
 ``"auto"`` picks ``"cpp"`` when it builds and loads; otherwise ``"torch"`` for inference and, when gradients are
 needed, the grid_sample reference, whose fused backward beats embedding_bag's (which sorts every corner index). The
