@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(group, "--log-every", "log_every", "write a metrics record every N steps", type=int)
     add(group, "--device", "device", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
     add(group, "--num-workers", "num_workers", "data loading worker processes", type=int)
+    add(
+        group,
+        "--threads",
+        "threads",
+        "CPU threads per process (default: torch's; 1 is often fastest on a busy CPU)",
+        type=int,
+    )
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
 

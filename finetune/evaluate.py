@@ -83,13 +83,19 @@ def evaluate(
     precision: str = "fp32",
     strict: bool = False,
     num_workers: int = 0,
+    validation_fraction: float = 0.0,
+    seed: int = 42,
     context: DistributedContext | None = None,
 ) -> CocoMetrics:
-    """COCO metrics of the model at ``model_source`` on a split of ``dataset_source``."""
+    """COCO metrics of the model at ``model_source`` on a split of ``dataset_source``.
+
+    ``validation_fraction`` and ``seed`` re-create the validation split a training run held out of a dataset that
+    has none (use the run's values, e.g. from its train_config.json).
+    """
     own_context = context is None
     context = context or setup_distributed(device)
     try:
-        data = prepare_data(dataset_source, strict=strict, validation_fraction=0.0)
+        data = prepare_data(dataset_source, strict=strict, validation_fraction=validation_fraction, seed=seed)
         chosen = choose_split(data, split)
         model = DeformableDetrForObjectDetection.from_pretrained(model_source).to(context.device).eval()
         return evaluate_model(
@@ -140,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-workers", type=int, default=0, help="data loading worker processes (default: 0)")
     parser.add_argument("--strict", action="store_true", help="treat any dataset problem as an error")
+    parser.add_argument("--validation-fraction", type=float, default=0.0,
+                        help="hold out this share of train as 'validation', as a training run without a validation "
+                             "split did (default: 0)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=42, help="seed of that hold-out (default: 42, training's default)")
     return parser
 
 
@@ -157,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             precision=arguments.precision,
             strict=arguments.strict,
             num_workers=arguments.num_workers,
+            validation_fraction=arguments.validation_fraction,
+            seed=arguments.seed,
             context=context,
         )
     except (ValueError, OSError) as error:

@@ -29,7 +29,13 @@ from tqdm.auto import tqdm
 
 from ddetr import DeformableDetrForObjectDetection
 from finetune.augment import AugmentConfig
-from finetune.checkpointing import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from finetune.checkpointing import (
+    CheckpointInfo,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from finetune.coco_eval import CocoMetrics
 from finetune.collate import DetectionCollator, TrainingImages, make_processor
 from finetune.config import TrainConfig
@@ -92,8 +98,10 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        logger.warning("signal %d: stopping after this step (a checkpoint will be saved)", signum)
+        logger.warning("signal %d: stopping after this step (a checkpoint will be saved); again to abort", signum)
         stop.set()
+        # A second signal gets the default treatment, for when waiting for the step is not an option.
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -124,18 +132,21 @@ class Trainer:
     def run(self) -> RunResult:
         context = setup_distributed(self.config.device)
         try:
-            with stop_on_signals(self.stop_event):
-                return _Run(self.config, context, self.stop_event, self.on_record).execute()
-        except BaseException as error:
-            if context.is_main and Path(self.config.output_dir).is_dir():
-                write_status(
-                    Path(self.config.output_dir),
-                    state="failed",
-                    step=-1,
-                    total_steps=-1,
-                    message=f"{type(error).__name__}: {error}",
-                )
-            raise
+            # Refusals here leave the folder as it is: it may hold someone else's finished run.
+            checkpoint = check_run_directory(self.config)
+            try:
+                with stop_on_signals(self.stop_event):
+                    return _Run(self.config, context, checkpoint, self.stop_event, self.on_record).execute()
+            except BaseException as error:
+                if context.is_main and Path(self.config.output_dir).is_dir():
+                    write_status(
+                        Path(self.config.output_dir),
+                        state="failed",
+                        step=-1,
+                        total_steps=-1,
+                        message=f"{type(error).__name__}: {error}",
+                    )
+                raise
         finally:
             cleanup_distributed(context)
 
@@ -147,6 +158,7 @@ class _Run:
         self,
         config: TrainConfig,
         context: DistributedContext,
+        checkpoint: CheckpointInfo | None,
         stop_event: threading.Event,
         on_record: Callable[[Record], None] | None,
     ) -> None:
@@ -154,7 +166,6 @@ class _Run:
         self.stop_event = stop_event
         self.on_record = on_record
         self.output_dir = Path(config.output_dir)
-        checkpoint = check_run_directory(config)
         self.data = prepare_run_data(config, context)
         self.train_split = self.data.split("train")
         self.validation_split = self.data.splits.get("validation")
@@ -172,6 +183,8 @@ class _Run:
             write_json(self.output_dir / VALIDATION_REPORT, [report.to_dict() for report in self.data.reports])
             logger.info("dataset %s\n%s", self.data.description, format_reports(self.data.reports))
 
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.device = context.device
         self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
@@ -250,7 +263,7 @@ class _Run:
             )
         self.last_saved_step = self.step
 
-    def _restore(self, checkpoint: Any) -> None:
+    def _restore(self, checkpoint: CheckpointInfo) -> None:
         state = load_checkpoint(checkpoint, self.model)
         if state["world_size"] != self.context.world_size:
             raise ValueError(

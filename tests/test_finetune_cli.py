@@ -124,6 +124,13 @@ def test_evaluate_prints_a_json_last_line(trained_run: tuple[Path, Path], capsys
     metrics = json.loads(lines[-1])
     assert list(metrics) == HEADLINE
     assert all(-1.0 <= value <= 1.0 for value in metrics.values())
+    # The validation images the run held out of train, re-created from its settings, give its last evaluation.
+    arguments = ["--model", str(run / "model"), "--dataset", str(data), "--split", "validation"]
+    assert evaluate.main([*arguments, "--validation-fraction", "0.34"]) == 0
+    held_out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    last_eval = read_metrics(run / "metrics.jsonl", kind="eval")[-1]
+    assert held_out["map"] == pytest.approx(last_eval["map"], abs=1e-6)
+    assert evaluate.main(arguments) == 2
 
 
 def test_evaluate_command_on_a_saved_dataset_without_splits(trained_run: tuple[Path, Path], tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ a checkpoint write killed at any point never leaves a folder that is taken for a
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -153,3 +154,23 @@ def test_checkpoint_writes_killed_at_random_points_never_look_complete(tmp_path:
             seen_steps.add(info.step)
     # Kills landed in different writes (and deletions of old checkpoints), not always in the first one.
     assert len(seen_steps) >= 5, f"too few checkpoints completed: {sorted(seen_steps)}"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_command_line_run_with_a_checkpoint(tmp_path: Path) -> None:
+    make_shapes_dataset(6, seed=3, image_size=64).save_to_disk(tmp_path / "data")
+    output = tmp_path / "run"
+    arguments = [*TRAINING[:2], "--max-steps", "1000", *TRAINING[4:]]
+    process = subprocess.Popen(
+        _finetune("--dataset", str(tmp_path / "data"), "--output-dir", str(output), *arguments),
+        env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while _train_steps_logged(output) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stopped at step" in stdout
+    status = json.loads((output / "status.json").read_text())
+    assert status["state"] == "stopped"
+    assert latest_checkpoint(output / "checkpoints").step == status["step"] < 1000

@@ -241,6 +241,7 @@ def test_run_directory_guards(shapes_dir: Path, tmp_path: Path) -> None:
     Trainer(_config(shapes_dir, tmp_path, max_steps=2)).run()
     with pytest.raises(ValueError, match="already holds a training run"):
         Trainer(_config(shapes_dir, tmp_path, max_steps=2)).run()
+    assert read_run(tmp_path)["status"]["state"] == "finished"  # the refused start left the old run alone
     with pytest.raises(ValueError, match="keep its settings"):
         Trainer(_config(shapes_dir, tmp_path, max_steps=3, resume=True)).run()
     with pytest.raises(ValueError, match="nothing to resume"):
