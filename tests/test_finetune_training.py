@@ -20,7 +20,7 @@ from finetune.api import read_run, resume_run, start_run
 from finetune.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
 from finetune.metrics_log import read_metrics
-from finetune.presets import preset_config
+from finetune.presets import build_model, preset_config
 from finetune.shapes import make_shapes_dataset
 from finetune.trainer import Trainer
 
@@ -273,3 +273,32 @@ def test_saving_the_same_step_twice_keeps_one_checkpoint(tmp_path: Path) -> None
     np.testing.assert_array_equal(
         sorted(p.name for p in first.iterdir()), ["meta.json", "model.safetensors", "train_state.pt"]
     )
+
+
+def test_fine_tuning_a_checkpoint_keeps_or_reinitialises_the_class_heads(shapes_dir: Path, tmp_path: Path) -> None:
+    Trainer(_config(shapes_dir, tmp_path / "base", max_steps=2)).run()
+    source = str(tmp_path / "base" / "model")
+    base = DeformableDetrForObjectDetection.from_pretrained(source)
+    names = _class_names(shapes_dir)
+
+    same = build_model(source, names)
+    assert not same.from_scratch and same.default_image_size == IMAGE_SIZE
+    assert same.model.config.auxiliary_loss
+    for (name, value), (_, expected) in zip(same.model.state_dict().items(), base.state_dict().items()):
+        assert torch.equal(value, expected), name
+
+    other = build_model(source, ["cat", "dog"])
+    assert other.model.config.id2label == {0: "cat", 1: "dog"}
+    assert other.model.class_embed[0].weight.shape[0] == 2
+    torch.testing.assert_close(other.model.model.backbone.state_dict(), base.model.backbone.state_dict())
+
+    # A run started from the checkpoint trains on the new classes and exports them.
+    from tests.test_finetune_validation import write_bad_coco
+
+    result = Trainer(_config(write_bad_coco(tmp_path / "coco"), tmp_path / "tuned", model=source, max_steps=2,
+                             validation_fraction=0.0)).run()  # fmt: skip
+    assert result.state == "finished"
+    tuned = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "tuned" / "model")
+    assert tuned.config.id2label == {0: "thing", 1: "other"}
+    with pytest.raises(ValueError, match="neither a preset"):
+        build_model("tinyy", names)
