@@ -167,6 +167,15 @@ void backward_impl(const V* value, const int64_t* shapes, const int64_t* starts,
   {
     // Out-of-map corners write here; its contents are never read.
     std::vector<T> scratch(head_dim);
+    // grad_value is zeroed here, in contiguous blocks shared among the threads, rather than by the caller: one pass
+    // fewer over it. (Zeroing each task's own strided slice instead was ~10x slower for a decoder-sized call.)
+    const int64_t grad_size = chunks * batch * sequence * heads * head_dim;
+    const int64_t block = 1 << 16;
+#pragma omp for schedule(static)
+    for (int64_t begin = 0; begin < grad_size; begin += block) {
+      const int64_t size = begin + block < grad_size ? block : grad_size - begin;
+      std::memset(grad_value + begin, 0, size * sizeof(T));
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t chunk = task % chunks;
@@ -176,11 +185,6 @@ void backward_impl(const V* value, const int64_t* shapes, const int64_t* starts,
       const int64_t query_end = queries * (chunk + 1) / chunks;
       const V* head_value = value + b * sequence * heads * head_dim + h * head_stride;
       T* head_grad_value = grad_value + (chunk * batch + b) * sequence * heads * head_dim + h * head_stride;
-      // Zeroed here rather than by the caller: one pass fewer over grad_value, spread over the threads, and the
-      // pages are first touched by the thread that accumulates into them.
-      for (int64_t row = 0; row < sequence; ++row) {
-        std::memset(head_grad_value + row * row_stride, 0, head_dim * sizeof(T));
-      }
       for (int64_t q = query_begin; q < query_end; ++q) {
         const int64_t head_index = (b * queries + q) * heads + h;
         const T* head_locations = locations + head_index * samples * 2;
@@ -304,7 +308,7 @@ void backward_dispatch(const V* value, const int64_t* shapes, const int64_t* sta
 extern "C" {
 
 // Bumped whenever the C signatures change, checked by the Python loader.
-int ddetr_msda_abi_version() { return 4; }
+int ddetr_msda_abi_version() { return 5; }
 
 DDETR_MSDA_EXPORT(f32, float, float)
 DDETR_MSDA_EXPORT(f64, double, double)

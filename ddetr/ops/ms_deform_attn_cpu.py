@@ -50,7 +50,7 @@ BACKENDS = ("auto", "cpp", "torch")
 _BACKEND_ENV = "DDETR_MSDA_CPU_BACKEND"
 _CACHE_ENV = "DDETR_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cpp")
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 # Tried in order: the first is the fast one; the others trade speed for building with compilers that reject
 # -march=native or lack OpenMP (the kernel then runs single-threaded, still far faster than grid_sample).
 _FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
