@@ -168,7 +168,7 @@ void backward_impl(const V* value, const int64_t* shapes, const int64_t* starts,
     // Out-of-map corners write here; its contents are never read.
     std::vector<T> scratch(head_dim);
     // grad_value is zeroed here, in contiguous blocks shared among the threads, rather than by the caller: one pass
-    // fewer over it. (Zeroing each task's own strided slice instead was ~10x slower for a decoder-sized call.)
+    // fewer over it, and a few large memsets instead of one per head_dim-sized piece of each task's strided slice.
     const int64_t grad_size = chunks * batch * sequence * heads * head_dim;
     const int64_t block = 1 << 16;
 #pragma omp for schedule(static)
