@@ -100,15 +100,21 @@ class CocoRecordSource:
         roots = [here, here / "images", parent, parent / "images", parent / tail, parent / "images" / tail]
         return list(dict.fromkeys(roots))
 
-    def _resolve(self, file_name: str) -> str:
+    def _resolve(self, file_name: str) -> str | None:
+        """The image's path inside one of the roots; None (a missing image) for names that would leave them,
+        such as ``../../etc/passwd`` or an absolute path: annotation files are user input."""
+        inside = False
         for root in self._roots:
             candidate = root / file_name
+            if not candidate.resolve().is_relative_to(root.resolve()):
+                continue
+            inside = True
             if candidate.is_file():
                 # The next image most likely lives in the same folder.
                 self._roots.remove(root)
                 self._roots.insert(0, root)
                 return str(candidate)
-        return str(self._roots[0] / file_name)
+        return str(self._roots[0] / file_name) if inside else None
 
     def records(self) -> Iterator[RawRecord]:
         by_image: dict[Any, list[RawObject]] = defaultdict(list)

@@ -28,6 +28,7 @@ from typing import Any
 
 import datasets
 
+from ddetr.hub import looks_like_repo_id
 from finetune.categories import CategoryMap
 from finetune.coco_format import CocoRecordSource, find_coco_files
 from finetune.records import ImageRef, RawObject, RawRecord, RecordSource
@@ -89,14 +90,15 @@ def open_dataset(source: str | os.PathLike) -> LoadedDataset:
                 "folder, COCO JSON, or an image folder with metadata.jsonl"
             ) from None
         return _from_hf(loaded, description=f"dataset folder {path}")
-    if os.sep in text or text.startswith("."):
+    if not looks_like_repo_id(text):
         raise ValueError(f"dataset path {text!r} does not exist")
     try:
         loaded = datasets.load_dataset(text)
     except Exception as error:
         raise ValueError(
-            f"cannot load dataset {text!r} from the Hugging Face Hub ({type(error).__name__}: {error}). Without "
-            "network access, pass a local folder (save_to_disk output, COCO JSON or an image folder) instead"
+            f"{text!r} is not a local folder, and loading it from the Hugging Face Hub failed "
+            f"({type(error).__name__}: {error}). Without network access, pass a local folder (save_to_disk output, "
+            "COCO JSON or an image folder) instead"
         ) from None
     return _from_hf(loaded, description=f"hub dataset {text}")
 

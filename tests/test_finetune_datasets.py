@@ -180,3 +180,28 @@ def test_unusable_sources_raise_clear_errors(tmp_path: Path) -> None:
     no_objects.save_to_disk(tmp_path / "plain")
     with pytest.raises(ValueError, match="no image column"):
         open_dataset(tmp_path / "plain")
+
+
+def test_hub_ids_with_an_owner_reach_the_hub_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+    local = make_shapes_dataset(2, seed=5, image_size=64)
+
+    def fake_load_dataset(name: str, *args, **kwargs):
+        asked.append(name)
+        return datasets.DatasetDict({"train": local})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    loaded = open_dataset("someone/cppe-5")
+    assert asked == ["someone/cppe-5"] and "someone/cppe-5" in loaded.description
+
+
+def test_coco_file_names_cannot_leave_the_image_folder(tmp_path: Path) -> None:
+    _write_coco_split(tmp_path / "data" / "images", tmp_path / "data" / "annotations.json", 2)
+    _image(tmp_path / "secret.png")  # exists, but outside the dataset folder
+    coco = json.loads((tmp_path / "data" / "annotations.json").read_text())
+    coco["images"][1]["file_name"] = "../../secret.png"
+    (tmp_path / "data" / "annotations.json").write_text(json.dumps(coco))
+    data = prepare_data(str(tmp_path / "data" / "annotations.json"), validation_fraction=0.0)
+    assert [s.image_id for s in data.split("train").samples] == [1]
+    (report,) = [report for report in data.reports if report.split == "train"]
+    assert report.counts["missing_image"] == 1 and report.images_dropped == 1
