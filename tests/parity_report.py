@@ -1,6 +1,6 @@
 """Print the max |ours - transformers| of logits and boxes per variant and checkpoint format.
 
-    python -m tests.parity_report
+python -m tests.parity_report
 """
 
 from __future__ import annotations
