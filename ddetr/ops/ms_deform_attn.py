@@ -33,7 +33,16 @@ def ms_deform_attn_reference(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-level ``grid_sample`` implementation (the oracle every fast path is tested against)."""
+    """Per-level ``grid_sample`` implementation (the oracle every fast path is tested against).
+
+    Half-precision values are sampled in float32 (grid_sample needs one dtype for value and grid, and its bfloat16
+    CPU kernel has crashed on non-contiguous inputs); the output has the value's dtype.
+    """
+    output_dtype = value.dtype
+    compute_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), torch.float32)
+    value = value.to(compute_dtype)
+    sampling_locations = sampling_locations.to(compute_dtype)
+    attention_weights = attention_weights.to(compute_dtype)
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes]
@@ -54,7 +63,44 @@ def ms_deform_attn_reference(
     # (batch * heads, 1, queries, levels * points)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (stacked * weights).sum(-1).view(batch, heads * head_dim, queries)
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).contiguous().to(output_dtype)
+
+
+def check_inputs(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> None:
+    """ValueError, naming the problem, unless the four inputs fit the contract in the module docstring."""
+    if value.dim() != 4:
+        raise ValueError(f"value must be (batch, sequence, heads, head_dim), got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "sampling_locations must be (batch, queries, heads, levels, points, 2), "
+            f"got shape {tuple(sampling_locations.shape)}"
+        )
+    batch, sequence, heads, _ = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    if sampling_locations.shape[0] != batch or sampling_locations.shape[2] != heads:
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} disagrees with value {tuple(value.shape)} "
+            "on batch or heads"
+        )
+    if tuple(attention_weights.shape) != (batch, queries, heads, levels, points):
+        raise ValueError(
+            f"attention_weights must have shape {(batch, queries, heads, levels, points)}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    if len(spatial_shapes) != levels:
+        raise ValueError(f"{len(spatial_shapes)} spatial shapes given for {levels} levels")
+    if any(height < 0 or width < 0 for height, width in spatial_shapes):
+        raise ValueError(f"spatial shapes must be non-negative, got {list(spatial_shapes)}")
+    if sum(height * width for height, width in spatial_shapes) != sequence:
+        raise ValueError(f"spatial_shapes {list(spatial_shapes)} do not cover the value sequence of {sequence}")
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations), ("weights", attention_weights)):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 # device type -> implementation; filled by the modules that provide fast kernels.

@@ -40,7 +40,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddetr.ops.ms_deform_attn import SpatialShapes, ms_deform_attn_reference, register_implementation
+from ddetr.ops.ms_deform_attn import (
+    SpatialShapes,
+    check_inputs,
+    ms_deform_attn_reference,
+    register_implementation,
+)
 
 __all__ = ["BACKENDS", "cpp_extension_path", "load_cpp_extension", "ms_deform_attn_cpu"]
 
@@ -543,34 +548,10 @@ def _check_inputs(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> None:
-    if value.dim() != 4:
-        raise ValueError(f"value must be (batch, sequence, heads, head_dim), got shape {tuple(value.shape)}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(
-            "sampling_locations must be (batch, queries, heads, levels, points, 2), "
-            f"got shape {tuple(sampling_locations.shape)}"
-        )
-    batch, sequence, heads, _ = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    if sampling_locations.shape[0] != batch or sampling_locations.shape[2] != heads:
-        raise ValueError(
-            f"sampling_locations {tuple(sampling_locations.shape)} disagrees with value {tuple(value.shape)} "
-            "on batch or heads"
-        )
-    if tuple(attention_weights.shape) != (batch, queries, heads, levels, points):
-        raise ValueError(
-            f"attention_weights must have shape {(batch, queries, heads, levels, points)}, "
-            f"got {tuple(attention_weights.shape)}"
-        )
-    if len(spatial_shapes) != levels:
-        raise ValueError(f"{len(spatial_shapes)} spatial shapes given for {levels} levels")
-    if sum(height * width for height, width in spatial_shapes) != sequence:
-        raise ValueError(f"spatial_shapes {spatial_shapes} do not cover the value sequence of {sequence}")
+    check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     for name, tensor in (("value", value), ("sampling_locations", sampling_locations), ("weights", attention_weights)):
         if tensor.device.type != "cpu":
             raise ValueError(f"{name} is on {tensor.device}; this implementation is CPU-only")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 def ms_deform_attn_cpu(

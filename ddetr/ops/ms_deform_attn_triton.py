@@ -27,7 +27,12 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from ddetr.ops.ms_deform_attn import SpatialShapes, ms_deform_attn_reference, register_implementation
+from ddetr.ops.ms_deform_attn import (
+    SpatialShapes,
+    check_inputs,
+    ms_deform_attn_reference,
+    register_implementation,
+)
 
 __all__ = ["ms_deform_attn_triton", "triton_available", "triton_kernels_interpreted"]
 
@@ -157,36 +162,12 @@ def _check_inputs(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> None:
-    if value.dim() != 4:
-        raise ValueError(f"value must be (batch, sequence, heads, head_dim), got shape {tuple(value.shape)}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(
-            "sampling_locations must be (batch, queries, heads, levels, points, 2), "
-            f"got shape {tuple(sampling_locations.shape)}"
-        )
-    batch, sequence, heads, head_dim = value.shape
+    check_inputs(value, shapes, sampling_locations, attention_weights)
+    _, sequence, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    if sampling_locations.shape[0] != batch or sampling_locations.shape[2] != heads:
-        raise ValueError(
-            f"sampling_locations {tuple(sampling_locations.shape)} disagrees with value {tuple(value.shape)} "
-            "on batch or heads"
-        )
-    if tuple(attention_weights.shape) != (batch, queries, heads, levels, points):
-        raise ValueError(
-            f"attention_weights must have shape {(batch, queries, heads, levels, points)}, "
-            f"got {tuple(attention_weights.shape)}"
-        )
-    if len(shapes) != levels:
-        raise ValueError(f"{len(shapes)} spatial shapes given for {levels} levels")
-    if any(height < 0 or width < 0 for height, width in shapes):
-        raise ValueError(f"spatial shapes must be non-negative, got {list(shapes)}")
-    if sum(height * width for height, width in shapes) != sequence:
-        raise ValueError(f"spatial_shapes {list(shapes)} do not cover the value sequence of {sequence}")
     if value.dtype not in _VALUE_DTYPES:
         raise ValueError(f"value must be float32, bfloat16, float16 or float64, got {value.dtype}")
     for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
         if tensor.device != value.device:
             raise ValueError(f"{name} is on {tensor.device} but value is on {value.device}")
     # The kernels index inside one image with int32 (only the per-image base is 64-bit).
