@@ -12,6 +12,7 @@ import torch
 from ddetr.default_model import default_model
 from ddetr.detection import DeformableDetrForObjectDetection
 from ddetr.hub import resolve_file
+from ddetr.precision import inference_autocast, resolve_precision
 from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
@@ -34,11 +35,14 @@ class ObjectDetectionPipeline:
         processor: DeformableDetrImageProcessorFast,
         threshold: float = 0.5,
         top_k: int = 100,
+        precision: str = "fp32",
     ) -> None:
         self.model = model.eval()
         self.processor = processor
         self.threshold = threshold
         self.top_k = top_k
+        # "auto" is resolved once, for the model's device: bf16 where the hardware computes it natively.
+        self.precision = resolve_precision(precision, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -64,7 +68,8 @@ class ObjectDetectionPipeline:
         picture = self.processor.load_image(image)
         width, height = picture.size
         inputs = self.processor(picture, device=self.device)
-        outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"])
+        with inference_autocast(self.precision, self.device):
+            outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"])
         (result,) = self.processor.post_process_object_detection(
             outputs, threshold=threshold, target_sizes=[(height, width)], top_k=top_k
         )
@@ -104,9 +109,14 @@ def pipeline(
     device: str | torch.device | None = None,
     threshold: float = 0.5,
     top_k: int = 100,
+    precision: str = "fp32",
 ) -> ObjectDetectionPipeline:
     """Build a detector. ``model`` is a directory, a hub repo id, or a loaded model; None means
-    ``SenseTime/deformable-detr`` when cached or reachable, else the bundled shapes model (logged)."""
+    ``SenseTime/deformable-detr`` when cached or reachable, else the bundled shapes model (logged).
+
+    ``precision``: ``"fp32"`` (outputs equal transformers'), ``"bf16"`` (about 2x faster on CPUs with native
+    bfloat16; boxes, sampling locations and scores stay float32), or ``"auto"`` (bf16 where native).
+    """
     if task != "object-detection":
         raise ValueError(f"only the 'object-detection' task is supported, got {task!r}")
     source: str | os.PathLike | None = None
@@ -121,7 +131,9 @@ def pipeline(
         model = model.to(device)
     if processor is None:
         processor = load_processor(source)
-    return ObjectDetectionPipeline(model=model, processor=processor, threshold=threshold, top_k=top_k)
+    return ObjectDetectionPipeline(
+        model=model, processor=processor, threshold=threshold, top_k=top_k, precision=precision
+    )
 
 
 __all__ = ["ImageInputError", "ObjectDetectionPipeline", "pipeline"]

@@ -151,3 +151,17 @@ def test_default_model_falls_back_to_the_bundled_one(detector_dir, tmp_path, mon
     monkeypatch.setattr(defaults.default_model, "__defaults__", (detector_dir,))
     detector = ddetr.pipeline()
     assert detector.model.config.id2label[0] == "circle"
+
+
+def test_bf16_precision_keeps_the_same_detections(detector_dir):
+    full = ddetr.pipeline(model=detector_dir, precision="fp32")
+    half = ddetr.pipeline(model=detector_dir, precision="bf16")
+    assert half.precision == "bf16" and full.precision == "fp32"
+    assert ddetr.pipeline(model=detector_dir, precision="auto").precision in ("fp32", "bf16")
+    expected = full(photo(), threshold=0.0, top_k=5)
+    actual = half(photo(), threshold=0.0, top_k=5)
+    assert [d["label"] for d in actual] == [d["label"] for d in expected]
+    for a, b in zip(actual, expected):
+        assert all(abs(a["box"][k] - b["box"][k]) <= 3 for k in a["box"])
+    with pytest.raises(ValueError, match="precision"):
+        ddetr.pipeline(model=detector_dir, precision="int8")
