@@ -76,20 +76,51 @@ class MultiscaleDeformableAttention(nn.Module):
             value = value.masked_fill(~value_mask[..., None], 0.0)
         # (batch, sequence, heads, head_dim)
         value = value.view(batch, sequence, self.heads, self.d_model // self.heads)
-        # (batch, queries, heads, levels, points, 2)
-        # Locations and weights stay float32 under bf16/fp16 autocast: a bf16 location is off by up to half a pixel
-        # on a 256-wide map.
-        offsets = at_least_float32(self.sampling_offsets(query)).view(
-            batch, queries, self.heads, self.levels, self.points, 2
-        )
         # (batch, queries, heads, levels, points)
         weights = F.softmax(
             at_least_float32(self.attention_weights(query)).view(batch, queries, self.heads, -1), dim=-1
         )
         weights = weights.view(batch, queries, self.heads, self.levels, self.points)
-        locations = sampling_locations(at_least_float32(reference_points), offsets, spatial_shapes)
+        locations = self._sampling_locations(query, reference_points, spatial_shapes)
         output = ms_deform_attn(value, spatial_shapes, locations, weights, implementation=self.implementation)
         return self.output_proj(output)
+
+    def _sampling_locations(
+        self, query: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        """``sampling_locations(reference_points, sampling_offsets(query), spatial_shapes)``, fused.
+
+        The per-level normalisation is a per-output-channel scale, so it folds into the projection's weights, and
+        the reference is added in place: two fewer passes over a (batch, queries, heads, levels, points, 2) tensor
+        (about 4.6 M values per encoder layer at 800x1066). Locations stay float32 under bf16/fp16 autocast: a bf16
+        location is off by up to half a pixel on a 256-wide map.
+        """
+        batch, queries, _ = query.shape
+        projection = self.sampling_offsets
+        if reference_points.shape[-1] == 2:
+            # (levels, 2): 1 / (width, height) of each level
+            level_scale = torch.tensor(
+                [[1.0 / w, 1.0 / h] for h, w in spatial_shapes], dtype=projection.weight.dtype, device=query.device
+            )
+        elif reference_points.shape[-1] == 4:
+            level_scale = torch.full(
+                (self.levels, 2), 0.5 / self.points, dtype=projection.weight.dtype, device=query.device
+            )
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        # (heads * levels * points * 2,) in the projection's output order
+        channel_scale = level_scale[None, :, None, :].expand(self.heads, -1, self.points, -1).reshape(-1)
+        flat = F.linear(
+            query.reshape(-1, query.shape[-1]),
+            projection.weight * channel_scale[:, None],
+            projection.bias * channel_scale,
+        )
+        # (batch, queries, heads, levels, points, 2)
+        locations = at_least_float32(flat).view(batch, queries, self.heads, self.levels, self.points, 2)
+        reference = at_least_float32(reference_points)
+        if reference.shape[-1] == 2:
+            return locations.add_(reference[:, :, None, :, None, :])
+        return locations.mul_(reference[:, :, None, :, None, 2:]).add_(reference[:, :, None, :, None, :2])
 
 
 def sampling_locations(

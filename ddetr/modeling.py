@@ -208,8 +208,10 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
         # (batch, levels, 2)
         valid_ratios = torch.stack([valid_ratio(mask, source_flat.dtype) for mask in masks], 1)
 
+        # Without padding there is nothing to mask: skip a pass over the values in every attention layer.
+        value_mask = None if not torch.compiler.is_compiling() and bool(mask_flat.all()) else mask_flat
         memory, encoder_states = self.encoder(
-            source_flat, position_flat, mask_flat, spatial_shapes, valid_ratios, output_hidden_states
+            source_flat, position_flat, value_mask, spatial_shapes, valid_ratios, output_hidden_states
         )
 
         d_model = self.config.d_model
@@ -241,7 +243,7 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
             query_position,
             reference_points,
             memory,
-            mask_flat,
+            value_mask,
             spatial_shapes,
             valid_ratios,
             output_hidden_states,
