@@ -1,4 +1,4 @@
-"""The reduced benchmark (``python -m ddetr.bench --quick``): runs end to end and checks correctness only."""
+"""The reduced benchmark (``python -m benchmarks --quick``): runs end to end and checks correctness only."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ddetr.bench.__main__ import main
-from ddetr.bench.measure import matched_fraction
+from benchmarks.__main__ import main
+from benchmarks.measure import matched_fraction
 
 pytest.importorskip("transformers")
 

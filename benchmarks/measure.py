@@ -63,11 +63,11 @@ def matched_fraction(
 
 
 def peak_memory_of(arguments: list[str]) -> float:
-    """Peak resident memory in MiB of a fresh process running ``python -m ddetr.bench.memory_probe ARGUMENTS``."""
+    """Peak resident memory in MiB of a fresh process running ``python -m benchmarks.memory_probe ARGUMENTS``."""
     # A fixed mmap threshold stops glibc from keeping freed tensors in the heap, so peaks are per call.
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     completed = subprocess.run(
-        [sys.executable, "-m", "ddetr.bench.memory_probe", *arguments],
+        [sys.executable, "-m", "benchmarks.memory_probe", *arguments],
         capture_output=True,
         text=True,
         check=False,

@@ -1,7 +1,7 @@
 """Side-by-side benchmark of ddetr and transformers on the same weights.
 
-    python -m ddetr.bench                      # full run: ResNet-50, one 800x1066 image, 2 threads by default
-    python -m ddetr.bench --quick              # reduced run (tiny model, small images): checks correctness only
+    python -m benchmarks                      # full run: ResNet-50, one 800x1066 image, 2 threads by default
+    python -m benchmarks --quick              # reduced run (tiny model, small images): checks correctness only
 
 Every comparison runs interleaved in one process (ours, theirs, ours, ...) and reports medians and ratios
 ours / theirs. transformers is optional: without it only our numbers are printed. Results also go to JSON.
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddetr.bench.measure import interleaved_times, matched_fraction, peak_memory_of
-from ddetr.bench.models import build_pair
-from ddetr.bench.workloads import forward_workload, random_batch, training_workload
+from benchmarks.measure import interleaved_times, matched_fraction, peak_memory_of
+from benchmarks.models import build_pair
+from benchmarks.workloads import forward_workload, random_batch, training_workload
 from ddetr.deformable_attention import sampling_locations
 from ddetr.ops import ms_deform_attn
 from ddetr.processing import DeformableDetrImageProcessorFast, post_process_object_detection
@@ -32,7 +32,7 @@ CORRECTNESS_TOLERANCE = 1e-4
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ddetr.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and images; exits 1 on a correctness failure")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, like a free Space)")

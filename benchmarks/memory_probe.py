@@ -1,6 +1,6 @@
 """Run a forward or training step in a fresh process and print the peak memory its second call added, in MiB.
 
-Used by ``python -m ddetr.bench``; a separate process keeps each measurement free of the others' allocations.
+Used by ``python -m benchmarks``; a separate process keeps each measurement free of the others' allocations.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ddetr.bench.workloads import forward_workload, load_model, training_workload
+from benchmarks.workloads import forward_workload, load_model, training_workload
 
 
 def _status_kib(field: str) -> int:
