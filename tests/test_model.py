@@ -148,3 +148,18 @@ def test_bf16_autocast_stays_close_to_float32():
     assert (half.pred_boxes - full.pred_boxes).abs().max() < 0.05
     agreement = torch.corrcoef(torch.stack([half.logits.float().flatten(), full.logits.flatten()]))[0, 1]
     assert agreement > 0.99
+
+
+@pytest.mark.parametrize("coordinates", [2, 4])
+def test_fused_sampling_locations_equal_the_plain_formula(coordinates):
+    from ddetr.deformable_attention import MultiscaleDeformableAttention, sampling_locations
+
+    torch.manual_seed(0)
+    attention = MultiscaleDeformableAttention(d_model=64, levels=3, heads=4, points=2).double()
+    torch.nn.init.normal_(attention.sampling_offsets.weight)
+    shapes = [(8, 10), (4, 5), (2, 3)]
+    query = torch.randn(2, 7, 64, dtype=torch.float64)
+    reference = torch.rand(2, 7, 3, coordinates, dtype=torch.float64)
+    offsets = attention.sampling_offsets(query).view(2, 7, 4, 3, 2, 2)
+    expected = sampling_locations(reference, offsets, shapes)
+    assert torch.allclose(attention._sampling_locations(query, reference, shapes), expected, atol=1e-12)
