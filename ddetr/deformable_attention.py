@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr.linear import Linear
+from ddetr.linear import Linear, linear
 from ddetr.ops import ms_deform_attn
 from ddetr.precision import at_least_float32
 
@@ -110,13 +110,10 @@ class MultiscaleDeformableAttention(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         # (heads * levels * points * 2,) in the projection's output order
         channel_scale = level_scale[None, :, None, :].expand(self.heads, -1, self.points, -1).reshape(-1)
-        flat = F.linear(
-            query.reshape(-1, query.shape[-1]),
-            projection.weight * channel_scale[:, None],
-            projection.bias * channel_scale,
-        )
+        # (batch, queries, heads * levels * points * 2)
+        offsets = linear(query, projection.weight * channel_scale[:, None], projection.bias * channel_scale)
         # (batch, queries, heads, levels, points, 2)
-        locations = at_least_float32(flat).view(batch, queries, self.heads, self.levels, self.points, 2)
+        locations = at_least_float32(offsets).view(batch, queries, self.heads, self.levels, self.points, 2)
         reference = at_least_float32(reference_points)
         if reference.shape[-1] == 2:
             return locations.add_(reference[:, :, None, :, None, :])

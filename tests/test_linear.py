@@ -1,0 +1,101 @@
+"""The oneDNN inference path of ddetr.linear against F.linear in float64, and when each path is taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddetr.feed_forward import feed_forward
+from ddetr.linear import _HAS_ONEDNN_LINEAR, Linear, linear, uses_onednn
+
+needs_onednn = pytest.mark.skipif(not _HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    out = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return F.relu(out) if relu else out
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(37, 24), (2, 19, 24), (2, 3, 5, 24)])
+def test_onednn_path_matches_float64_reference(shape: tuple[int, ...], with_bias: bool, relu: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator)
+    weight = torch.randn(40, 24, generator=generator)
+    bias = torch.randn(40, generator=generator) if with_bias else None
+    with torch.inference_mode():
+        assert uses_onednn(x, weight, bias)
+        out = linear(x, weight, bias, relu=relu)
+    assert out.shape == (*shape[:-1], 40)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(x, weight, bias, relu), rtol=1e-5, atol=1e-5)
+    if relu:
+        assert (out >= 0).all() and (out == 0).any()
+
+
+@needs_onednn
+def test_onednn_path_takes_non_contiguous_input() -> None:
+    generator = torch.Generator().manual_seed(1)
+    # (tokens, batch, features) transposed to (batch, tokens, features): not contiguous
+    x = torch.randn(11, 3, 16, generator=generator).transpose(0, 1)
+    weight = torch.randn(8, 16, generator=generator)
+    bias = torch.randn(8, generator=generator)
+    with torch.no_grad():
+        out = linear(x, weight, bias)
+    torch.testing.assert_close(out.double(), reference(x, weight, bias, False), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_path_in_bfloat16() -> None:
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 32, generator=generator).bfloat16()
+    weight = (0.2 * torch.randn(16, 32, generator=generator)).bfloat16()
+    bias = torch.randn(16, generator=generator).bfloat16()
+    with torch.inference_mode():
+        assert uses_onednn(x, weight, bias)
+        out = linear(x, weight, bias, relu=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference(x, weight, bias, True), rtol=2e-2, atol=2e-2)
+
+
+def test_gradients_take_the_autograd_path() -> None:
+    layer = Linear(6, 4)
+    x = torch.randn(3, 5, 6, requires_grad=True)
+    assert not uses_onednn(x, layer.weight, layer.bias)
+    layer.forward_relu(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
+    expected = torch.autograd.functional.vjp(lambda t: F.relu(F.linear(t, layer.weight, layer.bias)).sum(), x)[1]
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_path_selection() -> None:
+    weight, bias = torch.randn(4, 6), torch.randn(4)
+    x = torch.randn(5, 6)
+    # float64 has no oneDNN linear; frozen weights with grad enabled are still inference
+    assert not uses_onednn(x.double(), weight.double(), bias.double())
+    assert uses_onednn(x, weight, bias) == _HAS_ONEDNN_LINEAR
+    assert not uses_onednn(x, weight.requires_grad_(), bias)
+    with torch.no_grad():
+        assert uses_onednn(x, weight, bias) == _HAS_ONEDNN_LINEAR
+        # mixed dtypes go to F.linear, which raises its own error
+        assert not uses_onednn(x, weight, bias.double())
+        # autocast only casts the ops it knows; F.linear must run so that bf16 autocast still applies
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not uses_onednn(x, weight, bias)
+            assert Linear(6, 4)(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_feed_forward_matches_the_unfused_block(activation: str) -> None:
+    torch.manual_seed(3)
+    fc1, fc2 = Linear(8, 32), Linear(32, 8)
+    x = torch.randn(2, 7, 8)
+    with torch.inference_mode():
+        out = feed_forward(x, fc1, fc2, activation, activation_dropout=0.1, training=False)
+    act = F.relu if activation == "relu" else F.gelu
+    expected = F.linear(act(F.linear(x.double(), fc1.weight.double(), fc1.bias.double())), fc2.weight.double())
+    expected = expected + fc2.bias.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
