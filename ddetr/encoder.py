@@ -85,16 +85,16 @@ class DeformableEncoder(nn.Module):
         position_embeddings: torch.Tensor,
         mask: torch.Tensor | None,
         spatial_shapes: Sequence[tuple[int, int]],
-        valid_ratios: torch.Tensor,
+        reference_points: torch.Tensor,
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """
         source               (batch, sequence, d_model) flattened projected feature levels
         position_embeddings  (batch, sequence, d_model) sine + level embedding
         mask                 (batch, sequence) True where valid
+        reference_points     (batch, sequence, levels, 2) from ``encoder_reference_points``
         returns              memory (batch, sequence, d_model) and, if asked, the input of every layer plus the output
         """
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         hidden_states = source
         all_states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:

@@ -10,6 +10,7 @@ from ddetr.configuration import DeformableDetrConfig
 from ddetr.decoder import DeformableDecoder, DeformableDecoderLayer
 from ddetr.deformable_attention import MultiscaleDeformableAttention
 from ddetr.encoder import DeformableEncoder, DeformableEncoderLayer
+from ddetr.geometry import EncoderGeometry, GeometryCache, encoder_geometry
 from ddetr.heads import build_box_heads, build_class_heads
 from ddetr.linear import Linear
 from ddetr.outputs import DeformableDetrModelOutput
@@ -48,14 +49,6 @@ def build_input_projections(in_channels: tuple[int, ...], d_model: int, levels: 
         nn.init.xavier_uniform_(projection[0].weight, gain=1)
         nn.init.zeros_(projection[0].bias)
     return nn.ModuleList(projections)
-
-
-def valid_ratio(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, height, width) validity mask to (batch, 2) as (valid width / width, valid height / height)."""
-    _, height, width = mask.shape
-    valid_height = mask[:, :, 0].sum(1).to(dtype) / height
-    valid_width = mask[:, 0, :].sum(1).to(dtype) / width
-    return torch.stack([valid_width, valid_height], -1)
 
 
 class DeformableDetrModel(PretrainedMixin, nn.Module):
@@ -119,6 +112,8 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
             else None,
         )
         self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, d_model))
+        # Position embeddings and reference points of recent input sizes (not parameters, not saved).
+        self.geometry_cache = GeometryCache()
         if config.two_stage:
             self.enc_output = Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -154,10 +149,10 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
 
     def _multi_scale_sources(
         self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Projected feature maps (batch, d_model, H_l, W_l), their masks and position embeddings per level."""
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Projected feature maps (batch, d_model, H_l, W_l) and their (batch, H_l, W_l) masks per level."""
         features = self.backbone(pixel_values, pixel_mask)
-        sources, masks, positions = [], [], []
+        sources, masks = [], []
         for level in range(self.config.num_feature_levels):
             if level < len(features):
                 feature, mask = features[level]
@@ -168,8 +163,21 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
                 mask = resize_mask(pixel_mask, source.shape[-2:])
             sources.append(source)
             masks.append(mask)
-            positions.append(self.position_embedding(mask, pixel_values.dtype).to(source.dtype))
-        return sources, masks, positions
+        return sources, masks
+
+    def _encoder_geometry(
+        self, masks: list[torch.Tensor], spatial_shapes: list[tuple[int, int]], padded: bool, dtype: torch.dtype
+    ) -> EncoderGeometry:
+        # Learned embeddings change as they train; padded masks differ from image to image.
+        cacheable = not padded and isinstance(self.position_embedding, SinePositionEmbedding)
+        if not cacheable or torch.compiler.is_compiling():
+            return encoder_geometry(masks, self.position_embedding, dtype)
+
+        # Without padding every image of the batch has the same geometry: keep one image's and share it.
+        def build() -> EncoderGeometry:
+            return encoder_geometry([mask[:1] for mask in masks], self.position_embedding, dtype)
+
+        return self.geometry_cache.get(spatial_shapes, masks[0].device, dtype, build).expand(masks[0].shape[0])
 
     def forward(
         self,
@@ -190,28 +198,26 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"pixel_mask {tuple(pixel_mask.shape)} does not match pixel_values {tuple(pixel_values.shape)}"
             )
-        sources, masks, positions = self._multi_scale_sources(pixel_values, pixel_mask)
+        sources, masks = self._multi_scale_sources(pixel_values, pixel_mask)
 
         spatial_shapes = [(int(source.shape[-2]), int(source.shape[-1])) for source in sources]
         # (batch, sequence, d_model)
         source_flat = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], 1)
         # (batch, sequence)
         mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
-        # (batch, sequence, d_model)
-        position_flat = torch.cat(
-            [
-                pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
-                for level, pos in enumerate(positions)
-            ],
-            1,
+        padded = torch.compiler.is_compiling() or not bool(mask_flat.all())
+        geometry = self._encoder_geometry(masks, spatial_shapes, padded, source_flat.dtype)
+        valid_ratios = geometry.valid_ratios
+        # (sequence, d_model): the embedding of each token's level
+        level_embedding = torch.cat(
+            [self.level_embed[level].expand(height * width, -1) for level, (height, width) in enumerate(spatial_shapes)]
         )
-        # (batch, levels, 2)
-        valid_ratios = torch.stack([valid_ratio(mask, source_flat.dtype) for mask in masks], 1)
-
+        # (batch, sequence, d_model)
+        position_flat = geometry.positions + level_embedding
         # Without padding there is nothing to mask: skip a pass over the values in every attention layer.
-        value_mask = None if not torch.compiler.is_compiling() and bool(mask_flat.all()) else mask_flat
+        value_mask = mask_flat if padded else None
         memory, encoder_states = self.encoder(
-            source_flat, position_flat, value_mask, spatial_shapes, valid_ratios, output_hidden_states
+            source_flat, position_flat, value_mask, spatial_shapes, geometry.reference_points, output_hidden_states
         )
 
         d_model = self.config.d_model
