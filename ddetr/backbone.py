@@ -119,8 +119,10 @@ class ResNet(nn.Module):
         dilation: bool = False,
         num_channels: int = 3,
         freeze_stem_and_layer1: bool = True,
+        channels_last_on_cpu: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last_on_cpu = channels_last_on_cpu
         if layer_type not in ("basic", "bottleneck"):
             raise ValueError(f"layer_type={layer_type!r} must be 'basic' or 'bottleneck'")
         block = Bottleneck if layer_type == "bottleneck" else BasicBlock
@@ -160,6 +162,11 @@ class ResNet(nn.Module):
                 module.requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if self.channels_last_on_cpu and pixel_values.device.type == "cpu":
+            # oneDNN convolves channels-last activations natively and reorders NCHW ones around every convolution:
+            # ResNet-50 at 800x1066 on 2 threads took 0.40 s instead of 0.89 s. The feature maps stay channels-last;
+            # the (batch, tokens, channels) view the encoder takes of them is then free.
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         x = F.relu(conv_frozen_bn(self.conv1, self.bn1, pixel_values), inplace=True)
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         features = []

@@ -1,0 +1,48 @@
+"""The channels-last CPU path of the ResNet against the same weights run on NCHW activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddetr.backbone import ResNet
+from tests.reference_models import perturb_
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(layer_type="basic", depths=(1, 1, 1, 1), stem_width=16, stage_widths=(16, 32, 48, 64)),
+        dict(layer_type="bottleneck", depths=(1, 2, 1, 1), stem_width=16, stage_widths=(32, 64, 96, 128)),
+        dict(
+            layer_type="bottleneck", depths=(1, 1, 1, 2), stem_width=16, stage_widths=(32, 64, 96, 128), dilation=True
+        ),
+    ],
+)
+def test_channels_last_features_equal_nchw_features(fields: dict) -> None:
+    torch.manual_seed(0)
+    fast = ResNet(**fields).eval()
+    perturb_(fast, seed=1)
+    reference = ResNet(**fields, channels_last_on_cpu=False).eval()
+    reference.load_state_dict(fast.state_dict())
+    images = torch.randn(2, 3, 70, 94)
+    with torch.inference_mode():
+        fast_features, reference_features = fast(images), reference(images)
+    for fast_map, reference_map in zip(fast_features, reference_features, strict=True):
+        assert fast_map.is_contiguous(memory_format=torch.channels_last)
+        assert reference_map.is_contiguous()
+        torch.testing.assert_close(fast_map, reference_map, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_gradients_equal_nchw_gradients() -> None:
+    fields = dict(layer_type="basic", depths=(1, 1, 1, 1), stem_width=16, stage_widths=(16, 32, 48, 64))
+    torch.manual_seed(0)
+    fast = ResNet(**fields)
+    reference = ResNet(**fields, channels_last_on_cpu=False)
+    reference.load_state_dict(fast.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    for model in (fast, reference):
+        sum(feature.square().mean() for feature in model(images)).backward()
+    for (name, fast_parameter), reference_parameter in zip(fast.named_parameters(), reference.parameters()):
+        if fast_parameter.requires_grad:
+            torch.testing.assert_close(fast_parameter.grad, reference_parameter.grad, rtol=1e-4, atol=1e-5, msg=name)
