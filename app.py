@@ -7,6 +7,7 @@ Run ``python app.py`` and open http://127.0.0.1:7860 (GRADIO_SERVER_NAME and GRA
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,13 +16,15 @@ from pathlib import Path
 import gradio as gr
 
 from app_support.detect_tab import DetectTab
-from app_support.detector_cache import DetectorCache
+from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.finetune_tab import FinetuneTab
 from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, queue_options
 from app_support.models import ModelRegistry
 from app_support.paths import REPO_ROOT, AppPaths
 from app_support.training import TrainingJobs
+from ddetr.precision import PRECISIONS
+from ddetr.threads import configure_threads
 
 TITLE = "Deformable DETR: detect and fine-tune"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -34,6 +37,8 @@ class AppConfig:
     data_dir: Path | None = None
     runs_dir: Path | None = None
     max_loaded_models: int = 2
+    # "auto": bf16 where native (>= 95% of fp32's top-100 detections kept), else fp32
+    precision: str = "auto"
 
 
 def example_images(paths: AppPaths) -> dict[str, list[Path]]:
@@ -53,7 +58,8 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
     jobs = TrainingJobs(paths.runs)
     registry = ModelRegistry(paths.models, cli_model=config.model, finetuned=jobs.finished_models)
     detections = DownloadFolder(paths.scratch("detections"))
-    detect_tab = DetectTab(registry, DetectorCache(max_loaded=config.max_loaded_models), detections)
+    loader = functools.partial(load_detector, precision=config.precision)
+    detect_tab = DetectTab(registry, DetectorCache(max_loaded=config.max_loaded_models, loader=loader), detections)
     # A folder of its own: the many small detection files must never prune away a trained model's zip.
     finetune_tab = FinetuneTab(paths, jobs, registry, DownloadFolder(paths.scratch("models"), keep=10))
 
@@ -80,6 +86,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models-dir", type=Path, help="allow-listed folder of model directories (default: models/)")
     parser.add_argument("--data-dir", type=Path, help="allow-listed folder of datasets (default: data/)")
     parser.add_argument("--runs-dir", type=Path, help="where fine-tuning runs are written (default: runs/)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="inference precision: auto (bf16 where the CPU/GPU has it natively, else fp32), fp32 or bf16",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: the CPUs this process may use, cgroup quota included)"
+    )
     parser.add_argument("--share", action="store_true", help="create a temporary public gradio.live link")
     parser.add_argument("--host", help="address to bind (default: GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: GRADIO_SERVER_PORT or the first free from 7860)")
@@ -108,7 +123,14 @@ def launch(
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    config = AppConfig(model=args.model, models_dir=args.models_dir, data_dir=args.data_dir, runs_dir=args.runs_dir)
+    logging.getLogger(__name__).info("torch uses %d CPU threads", configure_threads(args.threads))
+    config = AppConfig(
+        model=args.model,
+        models_dir=args.models_dir,
+        data_dir=args.data_dir,
+        runs_dir=args.runs_dir,
+        precision=args.precision,
+    )
     launch(config, host=args.host, port=args.port, share=args.share)
 
 

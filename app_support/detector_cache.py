@@ -25,8 +25,9 @@ class ModelLoadError(UserFacingError):
     """A listed model could not be loaded; the message says which and why."""
 
 
-def load_detector(source: str) -> Detector:
-    return ddetr.pipeline(model=source)
+def load_detector(source: str, precision: str = "auto") -> Detector:
+    """The app's detector: bf16 where the CPU or GPU computes it natively (``"auto"``), else fp32."""
+    return ddetr.pipeline(model=source, precision=precision)
 
 
 def _version(choice: ModelChoice) -> float:

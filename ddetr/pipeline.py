@@ -14,6 +14,7 @@ from ddetr.detection import DeformableDetrForObjectDetection
 from ddetr.hub import resolve_file
 from ddetr.precision import inference_autocast, resolve_precision
 from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError
+from ddetr.threads import configure_threads
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 logger = logging.getLogger(__name__)
@@ -110,15 +111,20 @@ def pipeline(
     threshold: float = 0.5,
     top_k: int = 100,
     precision: str = "fp32",
+    threads: int | None = None,
 ) -> ObjectDetectionPipeline:
     """Build a detector. ``model`` is a directory, a hub repo id, or a loaded model; None means
     ``SenseTime/deformable-detr`` when cached or reachable, else the bundled shapes model (logged).
 
     ``precision``: ``"fp32"`` (outputs equal transformers'), ``"bf16"`` (about 2x faster on CPUs with native
     bfloat16; boxes, sampling locations and scores stay float32), or ``"auto"`` (bf16 where native).
+
+    ``threads``: torch's CPU threads; None caps torch's default at the CPUs this process may use (see
+    :func:`ddetr.threads.configure_threads`).
     """
     if task != "object-detection":
         raise ValueError(f"only the 'object-detection' task is supported, got {task!r}")
+    configure_threads(threads)
     source: str | os.PathLike | None = None
     if model is None:
         chosen = default_model()

@@ -10,6 +10,7 @@ import gradio as gr
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 import ddetr
 from app_support.detect_tab import DetectTab
@@ -269,3 +270,11 @@ def test_annotated_output_marks_boxes(tab_and_loader, image_path: Path):
     original = np.asarray(PIL.Image.open(image_path).convert("RGB"), dtype=np.int16)
     changed = np.abs(np.asarray(annotated, dtype=np.int16) - original).sum(axis=2) > 0
     assert rows and changed.mean() > 0.01
+
+
+def test_the_app_loads_detectors_at_the_fastest_precision_within_tolerance(tiny_model_dir: Path):
+    from app_support.detector_cache import load_detector
+    from ddetr.precision import resolve_precision
+
+    assert load_detector(str(tiny_model_dir)).precision == resolve_precision("auto", torch.device("cpu"))
+    assert load_detector(str(tiny_model_dir), precision="fp32").precision == "fp32"

@@ -31,7 +31,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     patcher = pytest.MonkeyPatch()
     patcher.setenv("HF_HUB_OFFLINE", "1")  # hermetic: the model list must not depend on the network
     root = tmp_path_factory.mktemp("app")
-    config = AppConfig(model=str(tiny_model_dir), models_dir=root / "models", runs_dir=root / "runs")
+    # fp32 so that the served detections can be compared exactly with a pipeline run in this thread
+    config = AppConfig(model=str(tiny_model_dir), models_dir=root / "models", runs_dir=root / "runs", precision="fp32")
     demo, url = launch(config, host="127.0.0.1", block=False)
     try:
         yield demo, url
