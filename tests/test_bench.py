@@ -37,3 +37,23 @@ def test_detection_matching_is_one_to_one_and_label_aware():
                             duplicate) == 0.5  # fmt: skip
     shifted = {"boxes": torch.tensor([[1.0, 0, 11, 10]]), "labels": torch.tensor([1])}
     assert matched_fraction({"boxes": reference["boxes"][:1], "labels": torch.tensor([1])}, shifted) == 0.0
+
+
+def test_ddetr_bench_forwards_to_the_benchmark_and_product_code_never_imports_transformers():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run(
+        [sys.executable, "-m", "ddetr.bench", "--help"], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "--quick" in shown.stdout and "--json" in shown.stdout
+    probe = (
+        "import sys, ddetr, ddetr.bench, finetune, finetune.cli, finetune.evaluate, app_support; "
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('transformers', 'benchmarks')))"
+    )
+    imported = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "[]"
