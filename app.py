@@ -23,6 +23,7 @@ from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, qu
 from app_support.models import ModelRegistry
 from app_support.paths import REPO_ROOT, AppPaths
 from app_support.training import TrainingJobs
+from ddetr.allocator import keep_freed_memory
 from ddetr.precision import PRECISIONS
 from ddetr.threads import configure_threads
 
@@ -124,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     logging.getLogger(__name__).info("torch uses %d CPU threads", configure_threads(args.threads))
+    keep_freed_memory()
     config = AppConfig(
         model=args.model,
         models_dir=args.models_dir,

@@ -24,6 +24,7 @@ from PIL import Image
 from benchmarks.measure import interleaved_times, matched_fraction, peak_memory_of
 from benchmarks.models import build_pair
 from benchmarks.workloads import forward_workload, random_batch, training_workload
+from ddetr.allocator import keep_freed_memory
 from ddetr.deformable_attention import sampling_locations
 from ddetr.ops import ms_deform_attn
 from ddetr.processing import DeformableDetrImageProcessorFast, post_process_object_detection
@@ -103,6 +104,8 @@ class Report:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     torch.set_num_threads(args.threads)
+    # What ddetr.pipeline does; process-wide, so both implementations run under the same allocator settings.
+    kept = keep_freed_memory()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device is available; run with --device cpu", file=sys.stderr)
@@ -119,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "variant": args.variant,
         "torch": torch.__version__,
+        "keep_freed_memory": kept,
     }
-    print(f"ddetr benchmark on {device} with {args.threads} threads; image {height}x{width}, repeats {repeats}")
+    print(f"ddetr benchmark on {device} with {args.threads} threads; image {height}x{width}, repeats {repeats}; "
+          f"freed memory kept: {kept}")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as directory:
         pair = build_pair(Path(directory), quick=args.quick, variant=args.variant)
@@ -225,7 +230,7 @@ def attention_op(report: Report, model: Any, device: torch.device, repeats: int,
     """The encoder's deformable attention sampling at this image size: fast path vs the grid_sample reference."""
     pixel_values, pixel_mask = random_batch(1, height, width, device)
     with torch.no_grad():
-        sources, _, _ = model.model._multi_scale_sources(pixel_values, pixel_mask)
+        sources, _ = model.model._multi_scale_sources(pixel_values, pixel_mask)
     shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in sources]
     attention = model.model.encoder.layers[0].self_attn
     sequence = sum(h * w for h, w in shapes)

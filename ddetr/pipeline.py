@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ddetr.allocator import keep_freed_memory
 from ddetr.default_model import default_model
 from ddetr.detection import DeformableDetrForObjectDetection
 from ddetr.hub import resolve_file
@@ -120,11 +121,13 @@ def pipeline(
     bfloat16; boxes, sampling locations and scores stay float32), or ``"auto"`` (bf16 where native).
 
     ``threads``: torch's CPU threads; None caps torch's default at the CPUs this process may use (see
-    :func:`ddetr.threads.configure_threads`).
+    :func:`ddetr.threads.configure_threads`). Freed activations are kept for the next call instead of being
+    returned to the OS (:func:`ddetr.allocator.keep_freed_memory`; ``DDETR_KEEP_FREED_MEMORY=0`` turns it off).
     """
     if task != "object-detection":
         raise ValueError(f"only the 'object-detection' task is supported, got {task!r}")
     configure_threads(threads)
+    keep_freed_memory()
     source: str | os.PathLike | None = None
     if model is None:
         chosen = default_model()
