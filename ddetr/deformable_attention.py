@@ -112,12 +112,23 @@ class MultiscaleDeformableAttention(nn.Module):
         channel_scale = level_scale[None, :, None, :].expand(self.heads, -1, self.points, -1).reshape(-1)
         # (batch, queries, heads * levels * points * 2)
         offsets = linear(query, projection.weight * channel_scale[:, None], projection.bias * channel_scale)
-        # (batch, queries, heads, levels, points, 2)
-        locations = at_least_float32(offsets).view(batch, queries, self.heads, self.levels, self.points, 2)
+        # (batch, queries, heads, levels * points * 2)
+        locations = at_least_float32(offsets).view(batch, queries, self.heads, -1)
         reference = at_least_float32(reference_points)
+        # Broadcasting a (batch, queries, 1, levels, 1, 2) reference leaves 2-element inner runs, 4-5x slower than
+        # adding a (batch, queries, 1, levels * points * 2) one, which is small to build (no heads dimension).
         if reference.shape[-1] == 2:
-            return locations.add_(reference[:, :, None, :, None, :])
-        return locations.mul_(reference[:, :, None, :, None, 2:]).add_(reference[:, :, None, :, None, :2])
+            locations.add_(self._per_point(reference))
+        else:
+            locations.mul_(self._per_point(reference[..., 2:])).add_(self._per_point(reference[..., :2]))
+        # (batch, queries, heads, levels, points, 2)
+        return locations.view(batch, queries, self.heads, self.levels, self.points, 2)
+
+    def _per_point(self, reference: torch.Tensor) -> torch.Tensor:
+        """(batch, queries, levels, 2) to (batch, queries, 1, levels * points * 2), repeated over the points."""
+        batch, queries = reference.shape[:2]
+        per_point = reference[:, :, :, None, :].expand(batch, queries, self.levels, self.points, 2)
+        return per_point.reshape(batch, queries, 1, -1)
 
 
 def sampling_locations(

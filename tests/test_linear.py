@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ddetr.feed_forward import feed_forward
-from ddetr.linear import _HAS_ONEDNN_LINEAR, Linear, linear, uses_onednn
+from ddetr.linear import _HAS_ONEDNN_LINEAR, Linear, linear, onednn_dtype
 
 needs_onednn = pytest.mark.skipif(not _HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 
@@ -27,7 +27,7 @@ def test_onednn_path_matches_float64_reference(shape: tuple[int, ...], with_bias
     weight = torch.randn(40, 24, generator=generator)
     bias = torch.randn(40, generator=generator) if with_bias else None
     with torch.inference_mode():
-        assert uses_onednn(x, weight, bias)
+        assert onednn_dtype(x, weight, bias) == torch.float32
         out = linear(x, weight, bias, relu=relu)
     assert out.shape == (*shape[:-1], 40)
     assert out.dtype == torch.float32
@@ -55,7 +55,7 @@ def test_onednn_path_in_bfloat16() -> None:
     weight = (0.2 * torch.randn(16, 32, generator=generator)).bfloat16()
     bias = torch.randn(16, generator=generator).bfloat16()
     with torch.inference_mode():
-        assert uses_onednn(x, weight, bias)
+        assert onednn_dtype(x, weight, bias) == torch.bfloat16
         out = linear(x, weight, bias, relu=True)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), reference(x, weight, bias, True), rtol=2e-2, atol=2e-2)
@@ -64,7 +64,7 @@ def test_onednn_path_in_bfloat16() -> None:
 def test_gradients_take_the_autograd_path() -> None:
     layer = Linear(6, 4)
     x = torch.randn(3, 5, 6, requires_grad=True)
-    assert not uses_onednn(x, layer.weight, layer.bias)
+    assert onednn_dtype(x, layer.weight, layer.bias) is None
     layer.forward_relu(x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
     expected = torch.autograd.functional.vjp(lambda t: F.relu(F.linear(t, layer.weight, layer.bias)).sum(), x)[1]
@@ -74,18 +74,32 @@ def test_gradients_take_the_autograd_path() -> None:
 def test_path_selection() -> None:
     weight, bias = torch.randn(4, 6), torch.randn(4)
     x = torch.randn(5, 6)
+    fast = torch.float32 if _HAS_ONEDNN_LINEAR else None
     # float64 has no oneDNN linear; frozen weights with grad enabled are still inference
-    assert not uses_onednn(x.double(), weight.double(), bias.double())
-    assert uses_onednn(x, weight, bias) == _HAS_ONEDNN_LINEAR
-    assert not uses_onednn(x, weight.requires_grad_(), bias)
+    assert onednn_dtype(x.double(), weight.double(), bias.double()) is None
+    assert onednn_dtype(x, weight, bias) == fast
+    assert onednn_dtype(x, weight.requires_grad_(), bias) is None
     with torch.no_grad():
-        assert uses_onednn(x, weight, bias) == _HAS_ONEDNN_LINEAR
+        assert onednn_dtype(x, weight, bias) == fast
         # mixed dtypes go to F.linear, which raises its own error
-        assert not uses_onednn(x, weight, bias.double())
-        # autocast only casts the ops it knows; F.linear must run so that bf16 autocast still applies
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not uses_onednn(x, weight, bias)
-            assert Linear(6, 4)(x).dtype == torch.bfloat16
+        assert onednn_dtype(x, weight, bias.double()) is None
+
+
+@needs_onednn
+def test_bf16_autocast_casts_like_autocast_does() -> None:
+    torch.manual_seed(4)
+    layer = Linear(32, 16)
+    x = torch.randn(3, 10, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert onednn_dtype(x, layer.weight, layer.bias) == torch.bfloat16
+        fused = layer.forward_relu(x)
+        expected = F.relu(F.linear(x, layer.weight, layer.bias))
+        # float64 is not autocast's to cast: those operands keep F.linear (and its error)
+        assert onednn_dtype(x.double(), layer.weight, layer.bias) is None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
+        assert onednn_dtype(x, layer.weight, layer.bias) is None
+    assert fused.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
