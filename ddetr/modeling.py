@@ -168,9 +168,9 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
     def _encoder_geometry(
         self, masks: list[torch.Tensor], spatial_shapes: list[tuple[int, int]], padded: bool, dtype: torch.dtype
     ) -> EncoderGeometry:
-        # Learned embeddings change as they train; padded masks differ from image to image.
-        cacheable = not padded and isinstance(self.position_embedding, SinePositionEmbedding)
-        if not cacheable or torch.compiler.is_compiling():
+        # Learned embeddings change as they train; padded masks differ from image to image. (Under torch.compile
+        # the caller passes padded=True: the graph computes the geometry instead of consulting a Python dict.)
+        if padded or not isinstance(self.position_embedding, SinePositionEmbedding):
             return encoder_geometry(masks, self.position_embedding, dtype)
 
         # Without padding every image of the batch has the same geometry: keep one image's and share it.
