@@ -61,14 +61,47 @@ def test_onednn_path_in_bfloat16() -> None:
     torch.testing.assert_close(out.double(), reference(x, weight, bias, True), rtol=2e-2, atol=2e-2)
 
 
-def test_gradients_take_the_autograd_path() -> None:
+@needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("in_features", "out_features"), [(24, 40), (40, 24)])  # both weight-gradient orders
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_training_path_gradients_match_float64_autograd(
+    in_features: int, out_features: int, with_bias: bool, relu: bool, input_grad: bool
+) -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 17, in_features, generator=generator).requires_grad_(input_grad)
+    weight = torch.randn(out_features, in_features, generator=generator).requires_grad_()
+    bias = torch.randn(out_features, generator=generator).requires_grad_() if with_bias else None
+    upstream = torch.randn(3, 17, out_features, generator=generator)
+    assert onednn_dtype(x, weight, bias) == torch.float32
+    out = linear(x, weight, bias, relu=relu)
+    out.backward(upstream)
+
+    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    by_leaf = dict(zip(map(id, leaves), doubles))
+    x64, w64 = by_leaf.get(id(x), x.detach().double()), by_leaf[id(weight)]
+    b64 = by_leaf[id(bias)] if bias is not None else None
+    expected = F.linear(x64, w64, b64)
+    expected = F.relu(expected) if relu else expected
+    expected.backward(upstream.double())
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for leaf, reference_leaf in zip(leaves, doubles):
+        torch.testing.assert_close(leaf.grad.double(), reference_leaf.grad, rtol=1e-5, atol=1e-4)
+    if not input_grad:
+        assert x.grad is None
+
+
+def test_gradients_under_autocast_take_f_linear() -> None:
     layer = Linear(6, 4)
     x = torch.randn(3, 5, 6, requires_grad=True)
-    assert onednn_dtype(x, layer.weight, layer.bias) is None
-    layer.forward_relu(x).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert onednn_dtype(x, layer.weight, layer.bias) is None
+        out = layer.forward_relu(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
     assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
-    expected = torch.autograd.functional.vjp(lambda t: F.relu(F.linear(t, layer.weight, layer.bias)).sum(), x)[1]
-    torch.testing.assert_close(x.grad, expected)
 
 
 def test_path_selection() -> None:
@@ -78,7 +111,9 @@ def test_path_selection() -> None:
     # float64 has no oneDNN linear; frozen weights with grad enabled are still inference
     assert onednn_dtype(x.double(), weight.double(), bias.double()) is None
     assert onednn_dtype(x, weight, bias) == fast
-    assert onednn_dtype(x, weight.requires_grad_(), bias) is None
+    # trainable weights: the float32 training path; float64 ones: F.linear
+    assert onednn_dtype(x, weight.requires_grad_(), bias) == fast
+    assert onednn_dtype(x.double(), weight.double(), bias.double()) is None
     with torch.no_grad():
         assert onednn_dtype(x, weight, bias) == fast
         # mixed dtypes go to F.linear, which raises its own error
