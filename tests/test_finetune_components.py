@@ -141,6 +141,21 @@ def test_plots_are_pngs(tmp_path: Path) -> None:
     assert PIL.Image.open(empty).size == (800, 480)
 
 
+def test_chart_axes_span_every_point(tmp_path: Path) -> None:
+    from finetune import plots
+
+    # A resumed run's loss: steps from 10, values falling from 3.03, ends not on round ticks.
+    points = [(10 + step, 3.03 - 1.5 * step / 10990) for step in range(0, 10991, 10)]
+    path = draw_line_chart({"loss": points}, tmp_path / "loss.png", title="t", x_label="step", y_label="loss")
+    pixels = np.asarray(PIL.Image.open(path).convert("RGB"))
+    rows, columns = np.nonzero((pixels == np.array(plots._COLOURS[0])).all(-1))
+    left, right = plots._MARGIN_LEFT, plots._WIDTH - plots._MARGIN_RIGHT
+    top, bottom = plots._MARGIN_TOP, plots._HEIGHT - plots._MARGIN_BOTTOM
+    assert columns.min() >= left - 2 and columns.max() <= right + 2
+    assert rows.min() >= top - 2 and rows.max() <= bottom + 2
+    assert columns.min() <= left + 5  # the first point sits at the left edge, not off the chart
+
+
 def test_ema_follows_the_weights() -> None:
     model = torch.nn.Linear(2, 2)
     ema = ModelEma(model, decay=0.5, warmup=1)
