@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces models/ddetr-shapes from scratch: the four training phases of the model card, in order, then the
+# Reproduces models/ddetr-shapes from scratch: the five training phases of the model card, in order, then the
 # held-out evaluation. Run from the repository root:  bash models/ddetr-shapes/train.sh [RUNS_DIR]
 # An interrupted phase is resumed where it stopped (python -m finetune --resume); finished phases are skipped.
 set -euo pipefail
@@ -35,5 +35,9 @@ phase phase3 1 --dataset "$data" --model "$runs/phase2/model" --max-steps 1300 -
 phase phase4 2 --dataset "shapes:train=4000,validation=200,test=300,size=256" --model "$runs/phase3/model" \
   --max-steps 11000 --lr 1e-4 --lr-backbone 1e-4 --lr-drop 0.8 --augment flip --eval-every 2 --save-every 500 \
   --seed 4
+# 5: phase 4's recipe again, 6000 steps
+phase phase5 2 --dataset "shapes:train=4000,validation=200,test=300,size=256" --model "$runs/phase4/model" \
+  --max-steps 6000 --lr 1e-4 --lr-backbone 1e-4 --lr-drop 0.75 --augment flip --eval-every 2 --save-every 500 \
+  --seed 5
 
-python -m finetune.evaluate --model "$runs/phase4/model" --dataset "$data" --split test
+python -m finetune.evaluate --model "$runs/phase5/model" --dataset "$data" --split test
