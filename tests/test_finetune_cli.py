@@ -6,12 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 import pytest
-import torch
 
 from finetune import cli, evaluate
 from finetune.evaluate import label_mapping
@@ -22,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # Tiny models gain nothing from a second thread, and OpenMP barriers stall badly on a shared, busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

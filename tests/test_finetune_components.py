@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,7 @@ from finetune.precision import resolve_precision
 from finetune.presets import PRESETS, parameter_groups, preset_config
 from finetune.sampler import ResumableBatchSampler, epoch_permutation, shard_indices
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # Tiny models gain nothing from a second thread, and OpenMP barriers stall badly on a shared, busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_two_processes_see_the_batches_of_one() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -27,13 +26,7 @@ from finetune.trainer import Trainer
 IMAGE_SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # Tiny models gain nothing from a second thread, and OpenMP barriers stall badly on a shared, busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
