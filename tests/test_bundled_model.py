@@ -42,7 +42,7 @@ def test_detects_held_out_shapes_with_the_right_labels():
             for group in groups:
                 objects[group] += 1
                 found[group] += hit
-    # An untrained model finds none; the bundled one found 50 of 62 shapes (29 of the 32 of 32 px and more).
+    # An untrained model finds none; the bundled one found 53 of 62 shapes (30 of the 32 of 32 px and more).
     assert objects["all"] >= 40 and objects["32 px and more"] >= 20, objects
-    assert found["all"] / objects["all"] >= 0.7, f"found {found} of {objects}"
+    assert found["all"] / objects["all"] >= 0.8, f"found {found} of {objects}"
     assert found["32 px and more"] / objects["32 px and more"] >= 0.85, f"found {found} of {objects}"

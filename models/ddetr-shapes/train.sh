@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces models/ddetr-shapes from scratch: the five training phases of the model card, in order, then the
+# Reproduces models/ddetr-shapes from scratch: the six training phases of the model card, in order, then the
 # held-out evaluation. Run from the repository root:  bash models/ddetr-shapes/train.sh [RUNS_DIR]
 # An interrupted phase is resumed where it stopped (python -m finetune --resume); finished phases are skipped.
 set -euo pipefail
@@ -40,4 +40,9 @@ phase phase5 2 --dataset "shapes:train=4000,validation=200,test=300,size=256" --
   --max-steps 6000 --lr 1e-4 --lr-backbone 1e-4 --lr-drop 0.75 --augment flip --eval-every 2 --save-every 500 \
   --seed 5
 
-python -m finetune.evaluate --model "$runs/phase5/model" --dataset "$data" --split test
+# 6: four times the training images, an exponential moving average of the weights (evaluated and exported), 12000 steps
+phase phase6 2 --dataset "shapes:train=8000,validation=200,test=300,size=256" --model "$runs/phase5/model" \
+  --max-steps 12000 --lr 1e-4 --lr-backbone 1e-4 --lr-drop 0.75 --augment flip --ema --ema-decay 0.9995 \
+  --eval-every 1 --save-every 500 --seed 6
+
+python -m finetune.evaluate --model "$runs/phase6/model" --dataset "$data" --split test
