@@ -2,7 +2,8 @@
 
 Per optimizer step: check the stop flag (all processes agree), train on ``grad_accum_steps`` batches, step the LR
 schedule, update the EMA, log every ``log_every`` steps, evaluate after every ``eval_every`` epochs, and save a
-checkpoint every ``save_every`` steps. A stop saves a checkpoint and ends the run as ``stopped``; a run of
+checkpoint every ``save_every`` steps. A stop saves a checkpoint and ends the run as ``stopped`` (a SIGINT or
+SIGTERM during the preparation of the data and model ends it at once, with no checkpoint to write); a run of
 ``max_nonfinite_steps`` skipped steps in a row ends it as ``diverged`` without touching the last good checkpoint.
 The end of training evaluates the validation split, saves a last checkpoint and exports ``model/``.
 
@@ -80,7 +81,8 @@ Record = dict[str, Any]
 
 @dataclass
 class RunResult:
-    """How a run ended: ``state`` is finished, stopped or diverged (failures raise)."""
+    """How a run ended: ``state`` is finished, stopped or diverged (failures raise). ``total_steps`` is -1 for a run
+    stopped before it had prepared its data (its length was not known yet)."""
 
     state: str
     step: int
@@ -90,14 +92,24 @@ class RunResult:
     message: str = ""
 
 
+class StoppedDuringSetup(Exception):
+    """A stop signal arrived while the run was still preparing its data and model: nothing to save yet."""
+
+
 @contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT / SIGTERM ask the run to stop at the next step (saving a checkpoint) instead of killing it."""
+def stop_on_signals(stop: threading.Event, training: threading.Event) -> Iterator[None]:
+    """SIGINT / SIGTERM ask the run to stop at the next step (saving a checkpoint) instead of killing it.
+
+    Before ``training`` is set there is no step to wait for, and preparing a large dataset can take minutes, so the
+    signal interrupts the setup at once (``StoppedDuringSetup``).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: Any) -> None:
+        if not training.is_set():
+            raise StoppedDuringSetup(f"signal {signum}")
         logger.warning("signal %d: stopping after this step (a checkpoint will be saved); again to abort", signum)
         stop.set()
         # A second signal gets the default treatment, for when waiting for the step is not an option.
@@ -134,9 +146,21 @@ class Trainer:
         try:
             # Refusals here leave the folder as it is: it may hold someone else's finished run.
             checkpoint = check_run_directory(self.config)
+            training = threading.Event()
             try:
-                with stop_on_signals(self.stop_event):
-                    return _Run(self.config, context, checkpoint, self.stop_event, self.on_record).execute()
+                with stop_on_signals(self.stop_event, training):
+                    run = _Run(self.config, context, checkpoint, self.stop_event, self.on_record)
+                    training.set()
+                    return run.execute()
+            except StoppedDuringSetup:
+                # No step was taken: a new run has no checkpoint, a resumed one keeps its last.
+                step = checkpoint.step if checkpoint is not None else 0
+                if checkpoint is None:
+                    message = "stopped while preparing the data and model, before the first step; nothing was saved"
+                else:
+                    message = f"stopped before resuming; the run is still at step {step}; resume with --resume"
+                logger.warning("%s", message)
+                return RunResult("stopped", step, -1, Path(self.config.output_dir), None, message)
             except BaseException as error:
                 if context.is_main and Path(self.config.output_dir).is_dir():
                     write_status(

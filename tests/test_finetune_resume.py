@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -167,3 +168,42 @@ def test_sigterm_stops_the_command_line_run_with_a_checkpoint(tmp_path: Path) ->
     status = json.loads((output / "status.json").read_text())
     assert status["state"] == "stopped"
     assert latest_checkpoint(output / "checkpoints").step == status["step"] < 1000
+
+
+@pytest.mark.parametrize("resuming", [False, True])
+def test_a_signal_during_setup_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resuming: bool) -> None:
+    from finetune import trainer as trainer_module
+    from finetune.config import TrainConfig
+
+    output = tmp_path / "run"
+    base = TrainConfig(dataset="shapes", model="tiny", output_dir=str(output), progress=False)
+    if resuming:
+        # A run folder with its settings and a step-3 checkpoint, as a stopped run leaves it.
+        make_shapes_dataset(4, seed=3, image_size=64).save_to_disk(tmp_path / "data")
+        first = base.with_overrides(dataset=str(tmp_path / "data"), max_steps=3, batch_size=2, image_size=64)
+        first = first.with_overrides(eval_every=0, save_every=3)
+        assert trainer_module.Trainer(first).run().state == "finished"
+        base = TrainConfig.load(output / "train_config.json").with_overrides(resume=True)
+    before = sorted(path.name for path in output.rglob("*")) if resuming else []
+
+    def slow_preparation(*_args: object, **_kwargs: object) -> None:
+        time.sleep(60)  # a large dataset being generated or converted
+        raise AssertionError("the signal did not interrupt the data preparation")
+
+    monkeypatch.setattr(trainer_module, "prepare_run_data", slow_preparation)
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.monotonic()
+    timer.start()
+    result = trainer_module.Trainer(base).run()
+    timer.join()
+    assert time.monotonic() - started < 30
+    assert result.state == "stopped"
+    assert result.step == (3 if resuming else 0)
+    assert ("resume with --resume" in result.message) == resuming
+    # The folder is untouched and the process's own SIGTERM handling is back.
+    if resuming:
+        assert sorted(path.name for path in output.rglob("*")) == before
+    else:
+        assert not output.exists()
+    assert signal.getsignal(signal.SIGTERM) is previous_handler
