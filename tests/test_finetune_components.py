@@ -148,6 +148,15 @@ def test_chart_axes_span_every_point(tmp_path: Path) -> None:
     assert columns.min() <= left + 5  # the first point sits at the left edge, not off the chart
 
 
+def test_tick_labels_are_short_and_plain() -> None:
+    from finetune.plots import _label
+
+    assert [_label(v) for v in (0, 0.25, 1.5, 500, 2500, 12000, 250000)] == [
+        "0", "0.25", "1.5", "500", "2,500", "12,000", "250,000",
+    ]  # fmt: skip
+    assert [_label(v) for v in (0.001, 3e6, -12000)] == ["0.001", "3e+06", "-12,000"]
+
+
 def test_ema_follows_the_weights() -> None:
     model = torch.nn.Linear(2, 2)
     ema = ModelEma(model, decay=0.5, warmup=1)
