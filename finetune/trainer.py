@@ -156,7 +156,7 @@ class Trainer:
                 # No step was taken: a new run has no checkpoint, a resumed one keeps its last.
                 step = checkpoint.step if checkpoint is not None else 0
                 if checkpoint is None:
-                    message = "stopped while preparing the data and model, before the first step; nothing was saved"
+                    message = "stopped while preparing the data and model, before the first step; no checkpoint written"
                 else:
                     message = f"stopped before resuming; the run is still at step {step}; resume with --resume"
                 logger.warning("%s", message)
