@@ -38,10 +38,16 @@ def _records_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def onednn_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
     """The dtype :func:`linear` computes in through oneDNN for these arguments, None when it takes ``F.linear``."""
+    return _onednn_dtype(x, weight, bias, training=_records_grad(x, weight, bias))
+
+
+def _onednn_dtype(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, training: bool
+) -> torch.dtype | None:
     if not _HAS_ONEDNN_LINEAR or x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-    if _records_grad(x, weight, bias):
+    if training:
         # Training: float32 only; under autocast F.linear keeps autocast's casts and their gradients.
         fp32 = dtypes == {torch.float32} and not torch.is_autocast_enabled("cpu")
         return torch.float32 if fp32 else None
@@ -99,12 +105,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rel
     """``F.linear`` (followed by ReLU when ``relu``) over the last dimension of ``x``, as one 2-d GEMM."""
     # (rows, in_features): every leading dimension folded into one
     flat = x.reshape(-1, x.shape[-1])
-    dtype = onednn_dtype(flat, weight, bias)
+    training = _records_grad(flat, weight, bias)
+    dtype = _onednn_dtype(flat, weight, bias, training=training)
     if dtype is None:
         out = F.linear(flat, weight, bias)
         if relu:
             out = F.relu(out)
-    elif _records_grad(flat, weight, bias):
+    elif training:
         out = _OneDnnLinear.apply(flat, weight, bias, relu)
     else:
         bias = bias.to(dtype) if bias is not None else None

@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from ddetr import DeformableDetrForObjectDetection
+from finetune import trainer as trainer_module
 from finetune.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from finetune.config import TrainConfig
 from finetune.metrics_log import read_metrics
 from finetune.presets import preset_config
 from finetune.shapes import SHAPE_CLASSES, make_shapes_dataset
@@ -172,9 +174,6 @@ def test_sigterm_stops_the_command_line_run_with_a_checkpoint(tmp_path: Path) ->
 
 @pytest.mark.parametrize("resuming", [False, True])
 def test_a_signal_during_setup_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resuming: bool) -> None:
-    from finetune import trainer as trainer_module
-    from finetune.config import TrainConfig
-
     output = tmp_path / "run"
     base = TrainConfig(dataset="shapes", model="tiny", output_dir=str(output), progress=False)
     if resuming:
@@ -184,17 +183,21 @@ def test_a_signal_during_setup_stops_at_once(tmp_path: Path, monkeypatch: pytest
         first = first.with_overrides(eval_every=0, save_every=3)
         assert trainer_module.Trainer(first).run().state == "finished"
         base = TrainConfig.load(output / "train_config.json").with_overrides(resume=True)
-    before = sorted(path.name for path in output.rglob("*")) if resuming else []
+
+    def folder_state() -> list[tuple[str, int]]:
+        return sorted((str(path.relative_to(output)), path.stat().st_mtime_ns) for path in output.rglob("*"))
+
+    before = folder_state() if resuming else []
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
 
     def slow_preparation(*_args: object, **_kwargs: object) -> None:
+        timer.start()  # the signal comes once the run is inside its setup
         time.sleep(60)  # a large dataset being generated or converted
         raise AssertionError("the signal did not interrupt the data preparation")
 
     monkeypatch.setattr(trainer_module, "prepare_run_data", slow_preparation)
     previous_handler = signal.getsignal(signal.SIGTERM)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     started = time.monotonic()
-    timer.start()
     result = trainer_module.Trainer(base).run()
     timer.join()
     assert time.monotonic() - started < 30
@@ -203,7 +206,7 @@ def test_a_signal_during_setup_stops_at_once(tmp_path: Path, monkeypatch: pytest
     assert ("resume with --resume" in result.message) == resuming
     # The folder is untouched and the process's own SIGTERM handling is back.
     if resuming:
-        assert sorted(path.name for path in output.rglob("*")) == before
+        assert folder_state() == before
     else:
         assert not output.exists()
     assert signal.getsignal(signal.SIGTERM) is previous_handler
