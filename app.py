@@ -20,12 +20,12 @@ from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.finetune_tab import FinetuneTab
 from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, queue_options
-from app_support.models import ModelRegistry
+from app_support.model_choices import ModelRegistry
 from app_support.paths import REPO_ROOT, AppPaths
 from app_support.training import TrainingJobs
-from ddetr.allocator import keep_freed_memory
-from ddetr.precision import PRECISIONS
-from ddetr.threads import configure_threads
+from ddetr.runtime.allocator import keep_freed_memory
+from ddetr.runtime.precision import PRECISIONS
+from ddetr.runtime.threads import configure_threads
 
 TITLE = "Deformable DETR: detect and fine-tune"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

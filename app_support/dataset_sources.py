@@ -39,7 +39,7 @@ class DatasetChoiceError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetChoice:
-    """A dataset as ``finetune.datasets_io.open_dataset`` takes it, and how to show it to the user."""
+    """A dataset as ``finetune.data.sources.open_dataset`` takes it, and how to show it to the user."""
 
     source: str
     label: str

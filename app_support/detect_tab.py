@@ -14,12 +14,12 @@ from typing import Any
 import gradio as gr
 import PIL.Image
 
-from app_support.detection import TABLE_HEADERS, Candidates, Detection, find_candidates, select, table_rows
 from app_support.detector_cache import Detector, DetectorCache
 from app_support.downloads import DownloadFolder
 from app_support.drawing import display_copy, draw_detections
 from app_support.errors import user_errors
-from app_support.models import ModelChoice, ModelRegistry, NoModelAvailableError
+from app_support.model_choices import ModelChoice, ModelRegistry, NoModelAvailableError
+from app_support.selection import TABLE_HEADERS, Candidates, Detection, find_candidates, select, table_rows
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MAX_DETECTIONS = 100

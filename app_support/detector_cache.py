@@ -14,8 +14,8 @@ from pathlib import Path
 
 import ddetr
 from app_support.errors import UserFacingError
-from app_support.models import ModelChoice
-from ddetr.default_model import WEIGHT_FILES
+from app_support.model_choices import ModelChoice
+from ddetr.checkpoint.default_model import WEIGHT_FILES
 
 Detector = ddetr.ObjectDetectionPipeline
 Loader = Callable[[str], Detector]

@@ -26,7 +26,7 @@ from app_support.dataset_sources import (
 from app_support.downloads import DownloadFolder
 from app_support.drawing import draw_detections
 from app_support.errors import user_errors
-from app_support.models import ModelRegistry
+from app_support.model_choices import ModelRegistry
 from app_support.paths import AppPaths
 from app_support.training import JobSnapshot, TrainingJobs, TrainSettings, base_model_choices, preview_dataset
 

@@ -24,12 +24,12 @@ from safetensors.torch import load_model
 import ddetr
 from app_support.errors import UserFacingError
 from finetune.api import TrainingRun, read_run, resume_config, start_run
-from finetune.checkpointing import MODEL_FILE, latest_checkpoint
 from finetune.config import TrainConfig
-from finetune.data import PreparedData, prepare_data
+from finetune.data.prepare import PreparedData, prepare_data
+from finetune.data.validation import format_reports
 from finetune.presets import PRESETS
-from finetune.run_files import CHECKPOINTS, MODEL_CONFIG, MODEL_DIR, TRAIN_CONFIG
-from finetune.validation import format_reports
+from finetune.run.checkpoints import MODEL_FILE, latest_checkpoint
+from finetune.run.files import CHECKPOINTS, MODEL_CONFIG, MODEL_DIR, TRAIN_CONFIG
 
 PREVIEW_IMAGES = 4
 PREDICTION_THRESHOLD = 0.3

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from benchmarks.measure import interleaved_times, matched_fraction, peak_memory_of
-from benchmarks.models import build_pair
+from benchmarks.model_pairs import build_pair
 from benchmarks.workloads import forward_workload, random_batch, training_workload
-from ddetr.allocator import keep_freed_memory
-from ddetr.deformable_attention import sampling_locations
+from ddetr.model.deformable_attention import sampling_locations
 from ddetr.ops import ms_deform_attn
 from ddetr.processing import DeformableDetrImageProcessorFast, post_process_object_detection
+from ddetr.runtime.allocator import keep_freed_memory
 
 CORRECTNESS_TOLERANCE = 1e-4
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ddetr.box_ops import box_iou
+from ddetr.boxes import box_iou
 
 
 def synchronize(device: torch.device) -> None:

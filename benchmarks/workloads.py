@@ -11,7 +11,7 @@ import torch
 
 def load_model(implementation: str, directory: Path, device: torch.device) -> Any:
     if implementation == "ours":
-        from ddetr.detection import DeformableDetrForObjectDetection
+        from ddetr.model.object_detection import DeformableDetrForObjectDetection
 
         return DeformableDetrForObjectDetection.from_pretrained(directory).to(device).eval()
     import transformers

@@ -1,10 +1,11 @@
 """ddetr: a fast, pure-PyTorch Deformable DETR with transformers-compatible names and checkpoints."""
 
-from ddetr.configuration import DeformableDetrConfig
-from ddetr.detection import DeformableDetrForObjectDetection
-from ddetr.hub import CheckpointNotFoundError
-from ddetr.modeling import DeformableDetrModel
-from ddetr.outputs import DeformableDetrModelOutput, DeformableDetrObjectDetectionOutput
+from ddetr.checkpoint.hub import CheckpointNotFoundError
+from ddetr.checkpoint.weights import CheckpointError
+from ddetr.model.configuration import DeformableDetrConfig
+from ddetr.model.deformable_detr import DeformableDetrModel
+from ddetr.model.object_detection import DeformableDetrForObjectDetection
+from ddetr.model.outputs import DeformableDetrModelOutput, DeformableDetrObjectDetectionOutput
 from ddetr.pipeline import ObjectDetectionPipeline, pipeline
 from ddetr.processing import (
     AnnotationError,
@@ -15,7 +16,6 @@ from ddetr.processing import (
     load_image,
     post_process_object_detection,
 )
-from ddetr.weights import CheckpointError
 
 __version__ = "0.1.0"
 

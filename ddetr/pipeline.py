@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from ddetr.allocator import keep_freed_memory
-from ddetr.default_model import default_model
-from ddetr.detection import DeformableDetrForObjectDetection
-from ddetr.hub import resolve_file
-from ddetr.precision import inference_autocast, resolve_precision
+from ddetr.checkpoint.default_model import default_model
+from ddetr.checkpoint.hub import resolve_file
+from ddetr.model.object_detection import DeformableDetrForObjectDetection
 from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError
-from ddetr.threads import configure_threads
+from ddetr.runtime.allocator import keep_freed_memory
+from ddetr.runtime.precision import inference_autocast, resolve_precision
+from ddetr.runtime.threads import configure_threads
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 logger = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ def pipeline(
     bfloat16; boxes, sampling locations and scores stay float32), or ``"auto"`` (bf16 where native).
 
     ``threads``: torch's CPU threads; None caps torch's default at the CPUs this process may use (see
-    :func:`ddetr.threads.configure_threads`). Freed activations are kept for the next call instead of being
-    returned to the OS (:func:`ddetr.allocator.keep_freed_memory`; ``DDETR_KEEP_FREED_MEMORY=0`` turns it off).
+    :func:`ddetr.runtime.threads.configure_threads`). Freed activations are kept for the next call instead of being
+    returned to the OS (:func:`ddetr.runtime.allocator.keep_freed_memory`; ``DDETR_KEEP_FREED_MEMORY=0`` turns it off).
     """
     if task != "object-detection":
         raise ValueError(f"only the 'object-detection' task is supported, got {task!r}")

@@ -4,8 +4,8 @@ drive :mod:`finetune.api`."""
 
 from finetune.api import TrainingRun, read_run, resume_config, resume_run, start_run
 from finetune.config import TrainConfig
-from finetune.shapes import SHAPE_CLASSES, make_shapes_dataset
-from finetune.trainer import RunResult, Trainer
+from finetune.data.shapes import SHAPE_CLASSES, make_shapes_dataset
+from finetune.run.trainer import RunResult, Trainer
 
 __all__ = [
     "SHAPE_CLASSES",

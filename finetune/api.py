@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import RESUMABLE_OVERRIDES, TrainConfig
-from finetune.metrics_log import read_metrics
-from finetune.run_files import METRICS, TRAIN_CONFIG, read_status
-from finetune.trainer import RunResult, Trainer
+from finetune.run.files import METRICS, TRAIN_CONFIG, read_status
+from finetune.run.metrics_log import read_metrics
+from finetune.run.trainer import RunResult, Trainer
 
 logger = logging.getLogger(__name__)
 

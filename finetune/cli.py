@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune.api import resume_config
-from finetune.augment import AUGMENT_MODES
 from finetune.config import PRECISIONS, SCHEDULES, TrainConfig
+from finetune.data.augment import AUGMENT_MODES
 from finetune.presets import PRESETS
-from finetune.trainer import Trainer
+from finetune.run.trainer import Trainer
 
 EXIT_DIVERGED = 3
 EXIT_BAD_INPUT = 2

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.augment import AUGMENT_MODES
+from finetune.data.augment import AUGMENT_MODES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("step", "cosine")

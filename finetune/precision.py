@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ddetr.deformable_attention import MultiscaleDeformableAttention
+from ddetr.model.deformable_attention import MultiscaleDeformableAttention
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from ddetr import allocator
 
 FAULTS = """
 import resource, torch
-from ddetr.allocator import keep_freed_memory
+from ddetr.runtime.allocator import keep_freed_memory
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -14,17 +14,17 @@ import torch
 
 import ddetr
 from app_support.detect_tab import DetectTab
-from app_support.detection import MAX_CANDIDATES, find_candidates, inference_size, select
 from app_support.detector_cache import DetectorCache, ModelLoadError
 from app_support.downloads import DownloadFolder
 from app_support.drawing import PALETTE, class_color, display_copy, draw_detections
-from app_support.models import (
+from app_support.model_choices import (
     SENSETIME_CHECKPOINTS,
     ModelRegistry,
     NoModelAvailableError,
     UnknownModelError,
     resolve_default_model,
 )
+from app_support.selection import MAX_CANDIDATES, find_candidates, inference_size, select
 from tests.test_app_fixtures import CLASSES, draw_shapes, make_tiny_model, truncated_png
 
 
@@ -274,7 +274,7 @@ def test_annotated_output_marks_boxes(tab_and_loader, image_path: Path):
 
 def test_the_app_loads_detectors_at_the_fastest_precision_within_tolerance(tiny_model_dir: Path):
     from app_support.detector_cache import load_detector
-    from ddetr.precision import resolve_precision
+    from ddetr.runtime.precision import resolve_precision
 
     assert load_detector(str(tiny_model_dir)).precision == resolve_precision("auto", torch.device("cpu"))
     assert load_detector(str(tiny_model_dir), precision="fp32").precision == "fp32"

@@ -17,7 +17,7 @@ import ddetr
 from app_support.dataset_sources import DatasetChoiceError, hub_choice, resolve_dataset, shapes_choice
 from app_support.downloads import DownloadFolder
 from app_support.finetune_tab import FinetuneTab, loss_frame, map_frame, metrics_rows
-from app_support.models import ModelRegistry
+from app_support.model_choices import ModelRegistry
 from app_support.paths import AppPaths, PathNotAllowedError
 from app_support.training import JobBusyError, TrainingJobs
 

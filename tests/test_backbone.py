@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddetr.backbone import ResNet
+from ddetr.model.backbone import ResNet
 from tests.reference_models import perturb_
 
 

@@ -51,7 +51,7 @@ def test_ddetr_bench_forwards_to_the_benchmark_and_product_code_never_imports_tr
     assert shown.returncode == 0, shown.stderr
     assert "--quick" in shown.stdout and "--json" in shown.stdout
     probe = (
-        "import sys, ddetr, ddetr.bench, finetune, finetune.cli, finetune.evaluate, app_support; "
+        "import sys, ddetr, finetune, finetune.cli, finetune.evaluate, app_support; "
         "print(sorted(name for name in sys.modules if name.split('.')[0] in ('transformers', 'benchmarks')))"
     )
     imported = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)

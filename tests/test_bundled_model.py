@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import ddetr
-from ddetr.box_ops import box_iou
-from ddetr.default_model import BUNDLED_MODEL_DIR, is_model_dir
-from finetune.shapes import SHAPE_CLASSES, generate_image
+from ddetr.boxes import box_iou
+from ddetr.checkpoint.default_model import BUNDLED_MODEL_DIR, is_model_dir
+from finetune.data.shapes import SHAPE_CLASSES, generate_image
 
 HELD_OUT_SEED = 987654  # none of the dataset splits use it
 
-pytestmark = pytest.mark.skipif(not is_model_dir(BUNDLED_MODEL_DIR), reason="models/ddetr-shapes is not present")
+pytestmark = pytest.mark.skipif(not is_model_dir(BUNDLED_MODEL_DIR), reason="ddetr/bundled/ddetr-shapes is not present")
 
 
 def test_bundled_model_files_and_labels():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddetr import CheckpointNotFoundError, DeformableDetrConfig, DeformableDetrForObjectDetection
-from ddetr.weights import state_for_saving
+from ddetr.checkpoint.weights import state_for_saving
 from tests.reference_models import batch_of_two, perturb_
 
 HUB_KEYS = Path(__file__).parent / "data" / "hub-keys"
@@ -107,7 +107,8 @@ def test_legacy_timm_hub_directory_round_trip(variant, tmp_path):
 
 
 def to_paper_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our (hub) names to the fundamentalvision/Deformable-DETR names, written independently of ddetr.weights."""
+    """Our (hub) names to the fundamentalvision/Deformable-DETR names, written independently of
+    ddetr.checkpoint.weights."""
     encoder = {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "fc1": "linear1", "fc2": "linear2"}
     decoder = {
         "encoder_attn_layer_norm": "norm1",

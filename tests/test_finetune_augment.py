@@ -8,7 +8,7 @@ import PIL.ImageDraw
 import pytest
 
 from ddetr.processing import get_size_with_aspect_ratio
-from finetune.augment import AugmentConfig, crop, hflip, random_crop_region, resize, train_transform
+from finetune.data.augment import AugmentConfig, crop, hflip, random_crop_region, resize, train_transform
 
 # Saturated, well separated colours: after bilinear resampling, a pixel within this distance belongs to the object.
 COLOURS = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)])

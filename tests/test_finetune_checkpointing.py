@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import finetune.checkpointing as checkpointing
+import finetune.run.checkpoints as checkpointing
 from ddetr import DeformableDetrForObjectDetection
-from finetune.checkpointing import (
+from finetune.presets import preset_config
+from finetune.run.checkpoints import (
     CheckpointError,
     capture_rng_state,
     latest_checkpoint,
@@ -23,7 +24,6 @@ from finetune.checkpointing import (
     restore_rng_state,
     save_checkpoint,
 )
-from finetune.presets import preset_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

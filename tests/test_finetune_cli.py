@@ -12,9 +12,9 @@ import datasets
 import pytest
 
 from finetune import cli, evaluate
-from finetune.evaluate import label_mapping
-from finetune.metrics_log import read_metrics
-from finetune.shapes import make_shapes_dataset
+from finetune.data.shapes import make_shapes_dataset
+from finetune.evaluate.cli import label_mapping
+from finetune.run.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"]

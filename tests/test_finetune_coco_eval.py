@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.coco_eval import HEADLINE_METRICS, METRIC_NAMES, Detections, evaluate_detections
-from finetune.records import Sample
+from finetune.data.records import Sample
+from finetune.evaluate.coco import HEADLINE_METRICS, METRIC_NAMES, Detections, evaluate_detections
 
 CLASSES = ["a", "b"]
 

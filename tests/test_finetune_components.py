@@ -12,13 +12,13 @@ import torch
 
 from ddetr import DeformableDetrForObjectDetection
 from finetune.config import TrainConfig
-from finetune.ema import ModelEma
-from finetune.metrics_log import MetricsLog, read_metrics
-from finetune.optim import LrSchedule, build_optimizer
-from finetune.plots import draw_line_chart, plot_run
+from finetune.data.sampler import ResumableBatchSampler, epoch_permutation, shard_indices
 from finetune.precision import resolve_precision
 from finetune.presets import PRESETS, parameter_groups, preset_config
-from finetune.sampler import ResumableBatchSampler, epoch_permutation, shard_indices
+from finetune.run.ema import ModelEma
+from finetune.run.metrics_log import MetricsLog, read_metrics
+from finetune.run.optim import LrSchedule, build_optimizer
+from finetune.run.plots import draw_line_chart, plot_run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -149,7 +149,7 @@ def test_chart_axes_span_every_point(tmp_path: Path) -> None:
 
 
 def test_tick_labels_are_short_and_plain() -> None:
-    from finetune.plots import _label
+    from finetune.run.plots import _label
 
     assert [_label(v) for v in (0, 0.25, 1.5, 500, 2500, 12000, 250000)] == [
         "0", "0.25", "1.5", "500", "2,500", "12,000", "250,000",

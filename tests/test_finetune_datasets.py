@@ -10,9 +10,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from finetune.data import prepare_data
-from finetune.datasets_io import open_dataset, shapes_dataset_dict
-from finetune.shapes import SHAPE_CLASSES, make_shapes_dataset
+from finetune.data.prepare import prepare_data
+from finetune.data.shapes import SHAPE_CLASSES, make_shapes_dataset
+from finetune.data.sources import open_dataset, shapes_dataset_dict
 
 
 def _image(path: Path, size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (90, 30, 200)) -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.metrics_log import read_metrics
-from finetune.shapes import make_shapes_dataset
+from finetune.data.shapes import make_shapes_dataset
+from finetune.run.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [

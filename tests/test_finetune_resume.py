@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 
 from ddetr import DeformableDetrForObjectDetection
 from finetune import trainer as trainer_module
-from finetune.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
-from finetune.metrics_log import read_metrics
+from finetune.data.shapes import SHAPE_CLASSES, make_shapes_dataset
 from finetune.presets import preset_config
-from finetune.shapes import SHAPE_CLASSES, make_shapes_dataset
+from finetune.run.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from finetune.run.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # A fresh random moment every run; set FINETUNE_KILL_SEED to replay a failure (the seed is in the assert message).

@@ -9,8 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from finetune.datasets_io import parse_shapes_spec
-from finetune.shapes import MAX_OBJECTS, SHAPE_CLASSES, make_shapes_dataset
+from finetune.data.shapes import MAX_OBJECTS, SHAPE_CLASSES, make_shapes_dataset
+from finetune.data.sources import parse_shapes_spec
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from ddetr import DeformableDetrForObjectDetection
 from finetune.api import read_run, resume_run, start_run
-from finetune.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
-from finetune.metrics_log import read_metrics
+from finetune.data.shapes import make_shapes_dataset
 from finetune.presets import build_model, preset_config
-from finetune.shapes import make_shapes_dataset
-from finetune.trainer import Trainer
+from finetune.run.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.run.metrics_log import read_metrics
+from finetune.run.trainer import Trainer
 
 IMAGE_SIZE = 64
 

@@ -11,9 +11,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from finetune.data import prepare_data
-from finetune.shapes import make_shapes_dataset
-from finetune.validation import PROBLEMS, DatasetValidationError, probe_image
+from finetune.data.prepare import prepare_data
+from finetune.data.shapes import make_shapes_dataset
+from finetune.data.validation import PROBLEMS, DatasetValidationError, probe_image
 
 WIDTH, HEIGHT = 64, 48
 NAN, INF = float("nan"), float("inf")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ddetr import DeformableDetrForObjectDetection
-from ddetr.encoder import encoder_reference_points
-from ddetr.geometry import GeometryCache, encoder_geometry
-from ddetr.position_encoding import SinePositionEmbedding
+from ddetr.model.encoder import encoder_reference_points
+from ddetr.model.geometry import GeometryCache, encoder_geometry
+from ddetr.model.position_encoding import SinePositionEmbedding
 from tests.reference_models import batch_of_two
 from tests.test_model import tiny
 

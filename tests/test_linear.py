@@ -1,4 +1,4 @@
-"""The oneDNN inference path of ddetr.linear against F.linear in float64, and when each path is taken."""
+"""The oneDNN inference path of ddetr.ops.linear against F.linear in float64, and when each path is taken."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddetr.feed_forward import feed_forward
-from ddetr.linear import _HAS_ONEDNN_LINEAR, Linear, linear, onednn_dtype
+from ddetr.model.feed_forward import feed_forward
+from ddetr.ops.linear import _HAS_ONEDNN_LINEAR, Linear, linear, onednn_dtype
 
 needs_onednn = pytest.mark.skipif(not _HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ddetr.criterion import SetCriterion, build_criterion
-from ddetr.matcher import HungarianMatcher
+from ddetr.loss.criterion import SetCriterion, build_criterion
+from ddetr.loss.matcher import HungarianMatcher
 
 ALPHA, GAMMA = 0.25, 2.0
 COSTS = {"class": 1.0, "bbox": 5.0, "giou": 2.0}

@@ -152,7 +152,7 @@ def test_bf16_autocast_stays_close_to_float32():
 
 @pytest.mark.parametrize("coordinates", [2, 4])
 def test_fused_sampling_locations_equal_the_plain_formula(coordinates):
-    from ddetr.deformable_attention import MultiscaleDeformableAttention, sampling_locations
+    from ddetr.model.deformable_attention import MultiscaleDeformableAttention, sampling_locations
 
     torch.manual_seed(0)
     attention = MultiscaleDeformableAttention(d_model=64, levels=3, heads=4, points=2).double()

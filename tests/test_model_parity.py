@@ -38,7 +38,7 @@ def assert_same_detections(reference, ours, pixel_values, pixel_mask):
 
 
 def transformers_file_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers 5.x in-memory names to the 4.x file names (written independently of ddetr.weights)."""
+    """transformers 5.x in-memory names to the 4.x file names (written independently of ddetr.checkpoint.weights)."""
     renamed = {}
     for key, value in state_dict.items():
         key = key.replace("model.backbone.model.", "model.backbone.conv_encoder.model.")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ddetr.box_ops import box_cxcywh_to_xyxy
+from ddetr.boxes import box_cxcywh_to_xyxy
 
 
 def _logits_and_boxes(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:

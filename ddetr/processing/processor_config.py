@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-from ddetr.hub import resolve_file
+from ddetr.checkpoint.hub import resolve_file
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 IMAGE_PROCESSOR_TYPE = "DeformableDetrImageProcessor"

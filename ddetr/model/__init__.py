@@ -1,0 +1,1 @@
+"""The network: backbone, position encoding, encoder, decoder, deformable attention, heads, the two models."""

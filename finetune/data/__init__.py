@@ -1,0 +1,1 @@
+"""Datasets: opening every supported source, validation, splits, augmentation, batching."""

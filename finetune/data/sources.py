@@ -1,0 +1,312 @@
+"""Opening a detection dataset from any supported source, as raw records per split plus the class names.
+
+``open_dataset(source)`` accepts:
+
+* ``shapes`` or ``shapes:train=2000,validation=200,test=200,size=256`` -- the synthetic dataset (fixed seeds per
+  split), generated once and cached under ``$DDETR_CACHE_DIR/shapes`` (default ``~/.cache/ddetr/shapes``);
+* a directory written by ``DatasetDict.save_to_disk`` or ``Dataset.save_to_disk`` (the latter has one split);
+* a COCO JSON file, or a folder in a COCO layout (see ``finetune.data.coco_format``);
+* an image folder with ``metadata.jsonl`` (``{"file_name", "objects": {"bbox": [[x, y, w, h]], "category": [...]}}``,
+  optionally in ``train/``, ``validation/``, ``test/`` sub-folders), loaded by ``datasets``' ``imagefolder``;
+* any other local folder ``datasets.load_dataset`` understands (parquet, arrow, ...), or a Hugging Face Hub id.
+
+Hugging Face datasets must follow the cppe-5 schema: an image column, ``objects`` with ``bbox`` (COCO
+``[x, y, w, h]`` pixels) and ``category`` (a ``ClassLabel``, names, or integers), optional ``image_id``, ``width``,
+``height`` and ``objects.id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from ddetr.checkpoint.hub import looks_like_repo_id
+from finetune.data.categories import CategoryMap
+from finetune.data.coco_format import CocoRecordSource, find_coco_files
+from finetune.data.records import ImageRef, RawObject, RawRecord, RecordSource
+from finetune.data.shapes import make_shapes_dataset
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
+SHAPES_DEFAULTS = {"train": 2000, "validation": 200, "test": 200, "size": 256}
+# Fixed seeds so that every ``--dataset shapes`` run sees the same images, and the splits never overlap.
+SHAPES_SEEDS = {"train": 1, "validation": 2, "test": 3}
+_CATEGORY_KEYS = ("category", "categories", "category_id", "label", "labels")
+
+
+@dataclass
+class LoadedDataset:
+    """Raw splits (canonical names ``train``/``validation``/``test`` where recognised) and the class map."""
+
+    splits: dict[str, RecordSource]
+    categories: CategoryMap
+    description: str
+
+
+def canonical_split(name: str) -> str:
+    return SPLIT_ALIASES.get(name.lower(), name)
+
+
+def open_dataset(source: str | os.PathLike) -> LoadedDataset:
+    """Open ``source`` (see the module doc); ValueError with a readable reason when it cannot be used."""
+    text = str(source)
+    if text == "shapes" or text.startswith("shapes:"):
+        return _open_shapes(text)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".json":
+            raise ValueError(f"{path} is a file but not COCO JSON; pass a dataset folder, a .json file or a hub id")
+        return _open_coco({"train": path}, description=f"COCO file {path}")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _from_hf(datasets.load_from_disk(str(path)), description=f"saved dataset {path}")
+        coco_files = find_coco_files(path)
+        if coco_files:
+            return _open_coco(coco_files, description=f"COCO dataset {path}")
+        if _has_metadata(path):
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+            return _from_hf(loaded, description=f"image folder {path}")
+        try:
+            loaded = datasets.load_dataset(str(path))
+        except Exception as error:
+            raise ValueError(
+                f"cannot read {path} as a dataset ({type(error).__name__}: {error}); expected a save_to_disk "
+                "folder, COCO JSON, or an image folder with metadata.jsonl"
+            ) from None
+        return _from_hf(loaded, description=f"dataset folder {path}")
+    if not looks_like_repo_id(text):
+        raise ValueError(f"dataset path {text!r} does not exist")
+    try:
+        loaded = datasets.load_dataset(text)
+    except Exception as error:
+        raise ValueError(
+            f"{text!r} is not a local folder, and loading it from the Hugging Face Hub failed "
+            f"({type(error).__name__}: {error}). Without network access, pass a local folder (save_to_disk output, "
+            "COCO JSON or an image folder) instead"
+        ) from None
+    return _from_hf(loaded, description=f"hub dataset {text}")
+
+
+def _has_metadata(path: Path) -> bool:
+    names = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+    return any((path / name).is_file() for name in names) or any(
+        (child / name).is_file() for child in path.iterdir() if child.is_dir() for name in names
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic shapes
+
+
+def parse_shapes_spec(spec: str) -> dict[str, int]:
+    """``shapes`` or ``shapes:train=N,validation=N,test=N,size=PX`` -> the sizes (defaults for what is omitted)."""
+    options = dict(SHAPES_DEFAULTS)
+    _, _, tail = spec.partition(":")
+    for item in filter(None, (part.strip() for part in tail.split(","))):
+        key, equals, value = item.partition("=")
+        key = canonical_split(key.strip()) if key.strip() != "size" else "size"
+        if not equals or key not in options:
+            raise ValueError(f"bad shapes option {item!r}; use e.g. shapes:train=500,validation=50,test=50,size=256")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ValueError(f"shapes option {item!r} needs an integer value") from None
+        if options[key] < 0:
+            raise ValueError(f"shapes option {item!r} must not be negative")
+    return options
+
+
+def shapes_cache_dir() -> Path:
+    """``$DDETR_CACHE_DIR/shapes``, else under ``$XDG_CACHE_HOME`` or ``~/.cache`` (where ddetr caches too)."""
+    explicit = os.environ.get("DDETR_CACHE_DIR")
+    if explicit:
+        return Path(explicit) / "shapes"
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "ddetr" / "shapes"
+
+
+def shapes_dataset_dict(spec: str) -> datasets.DatasetDict:
+    """The splits of a shapes spec, generated once and cached on disk (written aside, then renamed)."""
+    options = parse_shapes_spec(spec)
+    key = ",".join(f"{name}={options[name]}" for name in sorted(options))
+    directory = shapes_cache_dir() / hashlib.sha256(f"v1:{key}".encode()).hexdigest()[:16]
+    if (directory / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(directory))
+    splits = {
+        name: make_shapes_dataset(options[name], seed=seed, image_size=options["size"])
+        for name, seed in SHAPES_SEEDS.items()
+        if options[name] > 0
+    }
+    if "train" not in splits:
+        raise ValueError("a shapes dataset needs train > 0 images")
+    dataset_dict = datasets.DatasetDict(splits)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".tmp-{directory.name}-{uuid.uuid4().hex[:12]}")
+    try:
+        dataset_dict.save_to_disk(str(staging))
+        try:
+            os.replace(staging, directory)
+        except OSError:
+            # Another process finished the same cache first; theirs is identical.
+            if not (directory / "dataset_dict.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return datasets.load_from_disk(str(directory))
+
+
+def _open_shapes(spec: str) -> LoadedDataset:
+    return _from_hf(shapes_dataset_dict(spec), description=f"synthetic {spec}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# COCO
+
+
+def _open_coco(files: dict[str, Path], *, description: str) -> LoadedDataset:
+    splits = {
+        canonical_split(name): CocoRecordSource(name=canonical_split(name), annotation_file=path)
+        for name, path in files.items()
+    }
+    reference_name = "train" if "train" in splits else next(iter(splits))
+    categories = splits[reference_name].categories
+    for name, split in splits.items():
+        if split.categories.names != categories.names:
+            raise ValueError(
+                f"{description}: split {name!r} has categories {list(split.categories.names)} but "
+                f"{reference_name!r} has {list(categories.names)}; all splits must share one category list"
+            )
+    return LoadedDataset(splits=dict(splits), categories=categories, description=description)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def _from_hf(loaded: Any, *, description: str) -> LoadedDataset:
+    if isinstance(loaded, datasets.Dataset):
+        raw = {"train": loaded}
+    elif isinstance(loaded, datasets.DatasetDict):
+        raw = {canonical_split(name): dataset for name, dataset in loaded.items()}
+    else:
+        raise ValueError(f"{description}: expected a Dataset or DatasetDict, got {type(loaded).__name__}")
+    if not raw:
+        raise ValueError(f"{description} has no splits")
+    splits = {name: HFRecordSource(name=name, dataset=dataset) for name, dataset in raw.items()}
+    first = next(iter(splits.values()))
+    names = first.class_names()
+    if names is not None:
+        categories = CategoryMap.from_names(names)
+    else:
+        categories = CategoryMap.from_values(value for split in splits.values() for value in split.category_values())
+    return LoadedDataset(splits=dict(splits), categories=categories, description=description)
+
+
+def _objects_feature(features: datasets.Features) -> dict[str, Any]:
+    """The per-object fields of the ``objects`` column, whether stored as a dict of lists or a list of dicts."""
+    feature = features["objects"]
+    if isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(feature.feature, dict):
+        return dict(feature.feature)
+    if isinstance(feature, dict):
+        return {key: getattr(value, "feature", value) for key, value in feature.items()}
+    raise ValueError(f"the 'objects' column must hold per-object fields (bbox, category), got {feature}")
+
+
+class HFRecordSource:
+    """A split of a Hugging Face dataset in the object-detection schema; images stay encoded until used."""
+
+    def __init__(self, *, name: str, dataset: datasets.Dataset) -> None:
+        self.name = name
+        features = dataset.features
+        image_columns = [key for key, value in features.items() if isinstance(value, datasets.Image)]
+        if not image_columns:
+            raise ValueError(f"split {name!r} has no image column (columns: {list(features)})")
+        if "objects" not in features:
+            raise ValueError(
+                f"split {name!r} has no 'objects' column (columns: {list(features)}); expected the cppe-5 schema "
+                "with objects.bbox and objects.category"
+            )
+        self.image_column = image_columns[0]
+        object_fields = _objects_feature(features)
+        if "bbox" not in object_fields:
+            raise ValueError(f"split {name!r}: 'objects' has no 'bbox' field (fields: {list(object_fields)})")
+        self.category_key = next((key for key in _CATEGORY_KEYS if key in object_fields), None)
+        if self.category_key is None:
+            raise ValueError(f"split {name!r}: 'objects' has no category field (fields: {list(object_fields)})")
+        self._category_feature = object_fields[self.category_key]
+        self.dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
+
+    def class_names(self) -> list[str] | None:
+        feature = self._category_feature
+        return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+    def category_values(self) -> Iterator[Any]:
+        for objects in self.dataset["objects"]:
+            yield from _object_rows(objects, self.category_key, self.name)[1]
+
+    def records(self) -> Iterator[RawRecord]:
+        columns = [c for c in ("image_id", "width", "height", "objects") if c in self.dataset.column_names]
+        table = self.dataset.select_columns(columns)
+        for row_index, row in enumerate(table):
+            rows, categories = _object_rows(row["objects"], self.category_key, self.name)
+            objects = [
+                RawObject(
+                    bbox=fields.get("bbox"), category=category, id=fields.get("id"), iscrowd=fields.get("iscrowd", 0)
+                )
+                for fields, category in zip(rows, categories)
+            ]
+            image_id = row.get("image_id", row_index)
+            yield RawRecord(
+                where=f"{self.name}[{row_index}] (image_id {image_id!r})",
+                image=row_index,
+                image_id=image_id,
+                width=row.get("width"),
+                height=row.get("height"),
+                objects=objects,
+            )
+
+    def image_bytes(self, image: ImageRef) -> bytes | str:
+        stored = self.dataset[int(image)][self.image_column]
+        if stored is None:
+            raise FileNotFoundError(f"{self.name}[{image}] has no image")
+        if stored.get("bytes"):
+            return stored["bytes"]
+        if stored.get("path"):
+            return stored["path"]
+        raise FileNotFoundError(f"{self.name}[{image}] has neither image bytes nor a path")
+
+
+def _object_rows(objects: Any, category_key: str, split: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Per-object field dicts and categories from a dict of lists (cppe-5) or a list of dicts."""
+    if objects is None:
+        return [], []
+    if isinstance(objects, dict):
+        count = max((len(v) for v in objects.values() if isinstance(v, list)), default=0)
+        rows = [
+            {
+                key: (values[i] if isinstance(values, list) and i < len(values) else None)
+                for key, values in objects.items()
+            }
+            for i in range(count)
+        ]
+    elif isinstance(objects, list):
+        rows = [row if isinstance(row, dict) else {} for row in objects]
+    else:
+        raise ValueError(f"split {split!r}: 'objects' must be a dict of lists or a list of dicts, got {objects!r}")
+    return rows, [row.get(category_key) for row in rows]

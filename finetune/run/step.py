@@ -1,0 +1,169 @@
+"""One optimizer step and one prediction pass: the numeric core of training, with no files, logging or UI.
+
+A step whose loss or gradients are not finite changes no weight (the gradients are dropped, the optimizer is not
+stepped) and reports itself as skipped; under DDP every process skips together, since they all-reduce the verdict
+before any gradient is exchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddetr.processing import post_process_object_detection
+from finetune.data.collate import Batch
+from finetune.evaluate.coco import Detections
+from finetune.precision import Precision, autocast
+from finetune.run.distributed import DistributedContext, any_process
+
+# Per-layer terms of the last decoder layer worth following in the logs (unweighted).
+LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
+EVAL_SCORE_THRESHOLD = 0.0
+EVAL_TOP_K = 100
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did. ``skipped``: no weight changed; ``reason`` says why."""
+
+    loss: float
+    terms: dict[str, float] = field(default_factory=dict)
+    grad_norm: float | None = None
+    skipped: bool = False
+    reason: str | None = None
+    # Loss-scaler overflows are routine with float16 and do not count as divergence.
+    counts_as_divergence: bool = False
+
+
+def _forward_loss(
+    model: nn.Module, batch: Batch, precision: Precision, device: torch.device
+) -> tuple[torch.Tensor | None, dict[str, float], str | None]:
+    """The batch's loss, or None and why when it is not finite."""
+    try:
+        with autocast(precision, device):
+            outputs = model(batch.pixel_values, batch.pixel_mask, labels=batch.labels)
+    except ValueError as error:
+        # The matcher refuses NaN/inf predictions; that is a diverged step, anything else is a bug to surface.
+        if "non-finite" in str(error):
+            return None, {}, f"non-finite predictions ({str(error).splitlines()[0][:160]})"
+        raise
+    loss = outputs.loss
+    if not torch.isfinite(loss).item():
+        return None, {}, f"non-finite loss ({loss.item()})"
+    terms = {name: float(outputs.loss_dict[name].detach()) for name in LOGGED_TERMS if name in outputs.loss_dict}
+    return loss, terms, None
+
+
+def train_step(
+    *,
+    model: nn.Module,
+    batches: list[Batch],
+    optimizer: torch.optim.Optimizer,
+    parameters: list[nn.Parameter],
+    precision: Precision,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad_norm: float,
+    context: DistributedContext,
+) -> StepOutcome:
+    """Forward and backward over ``batches`` (gradient accumulation), clip, and step the optimizer."""
+    optimizer.zero_grad(set_to_none=True)
+    device = context.device
+    total_loss = 0.0
+    summed_terms: dict[str, float] = {}
+    for position, batch in enumerate(batches):
+        last = position == len(batches) - 1
+        # Under DDP, gradients are exchanged only on the last micro-batch of the step.
+        sync = model.no_sync() if (context.distributed and not last) else contextlib.nullcontext()
+        with sync:
+            loss, terms, problem = _forward_loss(model, batch, precision, device)
+            if any_process(problem is not None, context):
+                optimizer.zero_grad(set_to_none=True)
+                return StepOutcome(
+                    loss=math.nan,
+                    skipped=True,
+                    reason=problem or "non-finite loss on another process",
+                    counts_as_divergence=True,
+                )
+            scaled = loss / len(batches)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total_loss += float(loss.detach()) / len(batches)
+        for name, value in terms.items():
+            summed_terms[name] = summed_terms.get(name, 0.0) + value / len(batches)
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = clip_grad_norm if clip_grad_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    if not math.isfinite(grad_norm):
+        if scaler is not None:
+            # The scaler skips this step itself and lowers its scale.
+            scaler.step(optimizer)
+            scaler.update()
+            return StepOutcome(
+                loss=total_loss,
+                terms=summed_terms,
+                grad_norm=grad_norm,
+                skipped=True,
+                reason="float16 overflow (loss scale lowered)",
+            )
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(
+            loss=total_loss,
+            terms=summed_terms,
+            grad_norm=grad_norm,
+            skipped=True,
+            reason="non-finite gradients",
+            counts_as_divergence=True,
+        )
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return StepOutcome(loss=total_loss, terms=summed_terms, grad_norm=grad_norm)
+
+
+@torch.no_grad()
+def predict(
+    *, model: nn.Module, batches: Iterable[Batch], precision: Precision, device: torch.device
+) -> list[Detections]:
+    """Top-100 detections per image, boxes in original image pixels (COCO xywh), at a near-zero threshold."""
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            with autocast(precision, device):
+                outputs = model(batch.pixel_values, batch.pixel_mask)
+            logits = outputs.logits.float()
+            boxes = outputs.pred_boxes.float()
+            processed = post_process_object_detection(
+                {"logits": logits, "pred_boxes": boxes},
+                threshold=EVAL_SCORE_THRESHOLD,
+                target_sizes=batch.original_sizes,
+                top_k=EVAL_TOP_K,
+            )
+            for index, item, (height, width) in zip(batch.indices, processed, batch.original_sizes):
+                corners = item["boxes"].cpu().numpy().astype(np.float64)
+                # Clip to the image as COCO ground truth is; transformers' post-processing does not.
+                corners[:, 0::2] = corners[:, 0::2].clip(0, width)
+                corners[:, 1::2] = corners[:, 1::2].clip(0, height)
+                xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
+                results.append(
+                    Detections(
+                        index=int(index),
+                        boxes=xywh.astype(np.float32),
+                        scores=item["scores"].cpu().numpy().astype(np.float32),
+                        labels=item["labels"].cpu().numpy().astype(np.int64),
+                    )
+                )
+    finally:
+        model.train(was_training)
+    return results
