@@ -7,6 +7,7 @@ shared by all visitors through the ``DetectorCache``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from app_support.downloads import DownloadFolder
 from app_support.drawing import display_copy, draw_detections
 from app_support.errors import user_errors
 from app_support.model_choices import ModelChoice, ModelRegistry, NoModelAvailableError
-from app_support.selection import TABLE_HEADERS, Candidates, Detection, find_candidates, select, table_rows
+from ddetr.pipeline import Candidates, Detection
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MAX_DETECTIONS = 100
@@ -32,6 +33,7 @@ RESOLUTIONS: tuple[tuple[str, int], ...] = (
     ("800 px", 800),
     ("1024 px", 1024),
 )
+TABLE_HEADERS = ["label", "score", "xmin", "ymin", "xmax", "ymax"]
 INFERENCE_GROUP = "inference"  # one forward pass at a time: on a 2-core Space, parallel passes only thrash
 
 
@@ -43,6 +45,8 @@ class DetectionView:
     display: PIL.Image.Image
     scale: float
     id2label: dict[int, str]
+    seconds: float  # the model's time for the image
+    model_summary: str  # which model, at which precision
 
 
 @dataclass
@@ -62,6 +66,14 @@ def describe_model(choice: ModelChoice, detector: Detector) -> str:
     labels = [name for _, name in sorted(detector.model.config.id2label.items()) if not name.startswith("N/A")]
     shown = ", ".join(labels[:40]) + (f", … ({len(labels) - 40} more)" if len(labels) > 40 else "")
     return f"**Active model:** {choice.label} · {len(labels)} classes  \n**Classes:** {shown}"
+
+
+def table_rows(detections: list[Detection]) -> list[list[Any]]:
+    """Rows for the detections table, in ``TABLE_HEADERS`` order."""
+    return [
+        [d["label"], d["score"], d["box"]["xmin"], d["box"]["ymin"], d["box"]["xmax"], d["box"]["ymax"]]
+        for d in detections
+    ]
 
 
 def class_names(detector: Detector) -> list[str]:
@@ -120,11 +132,12 @@ class DetectTab:
         choice = self._choice(model_key)
         detector = self.detectors.get(choice)
         picture = detector.processor.load_image(image_path)
-        candidates = find_candidates(
-            detector, picture, shortest_edge=int(shortest_edge) if shortest_edge else None, model_label=choice.label
-        )
+        started = time.perf_counter()
+        (candidates,) = detector.candidates([picture], size=int(shortest_edge) if shortest_edge else None)
+        seconds = time.perf_counter() - started
         display, scale = display_copy(picture)
-        view = DetectionView(candidates, display, scale, dict(detector.model.config.id2label))
+        summary = f"{choice.label}, {detector.precision.name}"
+        view = DetectionView(candidates, display, scale, dict(detector.model.config.id2label), seconds, summary)
         return (*self._render(view, threshold, max_detections, classes).as_tuple(), view)
 
     @user_errors
@@ -139,7 +152,7 @@ class DetectTab:
     def _render(
         self, view: DetectionView, threshold: float, max_detections: int, classes: list[str] | None
     ) -> DetectOutputs:
-        detections = select(view.candidates, threshold, max_detections, classes)
+        detections = view.candidates.detections(threshold, max_detections, classes)
         annotated = draw_detections(view.display, detections, scale=view.scale, id2label=view.id2label)
         json_file = self.downloads.write_json(detections)
         return DetectOutputs(annotated, table_rows(detections), str(json_file), self._summary(view, detections))
@@ -151,8 +164,8 @@ class DetectTab:
         noun = "detection" if count == 1 else "detections"
         height, width = candidates.input_size
         return (
-            f"**{count} {noun}** · model time {candidates.seconds * 1000:.0f} ms at {width}×{height} px "
-            f"({candidates.model_label})"
+            f"**{count} {noun}** · model time {view.seconds * 1000:.0f} ms at {width}×{height} px "
+            f"({view.model_summary})"
         )
 
     @user_errors
@@ -164,9 +177,8 @@ class DetectTab:
             raise ValueError("no image was given")
         choice = self._choice(model or None)
         detector = self.detectors.get(choice)
-        picture = detector.processor.load_image(image_path)
-        candidates = find_candidates(detector, picture, model_label=choice.label)
-        return select(candidates, threshold, int(max_detections))
+        (candidates,) = detector.candidates([image_path])
+        return candidates.detections(threshold, int(max_detections))
 
     # -- layout ------------------------------------------------------------------------------------------------- #
 

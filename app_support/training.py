@@ -23,6 +23,7 @@ from safetensors.torch import load_model
 
 import ddetr
 from app_support.errors import UserFacingError
+from ddetr.boxes import box_xywh_to_xyxy
 from finetune.api import TrainingRun, read_run, resume_config, start_run
 from finetune.config import TrainConfig
 from finetune.data.prepare import PreparedData, prepare_data
@@ -86,8 +87,8 @@ class DataPreview:
 
 def _ground_truth(boxes: Any, labels: Any, class_names: list[str]) -> list[dict[str, Any]]:
     truth = []
-    for (x, y, w, h), label in zip(boxes.tolist(), labels.tolist()):
-        box = {"xmin": round(x), "ymin": round(y), "xmax": round(x + w), "ymax": round(y + h)}
+    for (xmin, ymin, xmax, ymax), label in zip(box_xywh_to_xyxy(boxes).tolist(), labels.tolist()):
+        box = {"xmin": round(xmin), "ymin": round(ymin), "xmax": round(xmax), "ymax": round(ymax)}
         truth.append({"label": class_names[int(label)], "box": box})
     return truth
 

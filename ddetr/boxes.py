@@ -1,22 +1,50 @@
-"""Bounding-box conversions and overlap measures (pure tensor functions, any leading batch shape)."""
+"""Bounding-box conversions (torch tensors or numpy arrays) and overlap measures (tensors), any leading shape.
+
+The one place box formats change: ``xyxy`` corners, ``cxcywh`` centre and size (the model's), ``xywh`` COCO."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import numpy as np
 import torch
 
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """(..., 4) centre/size boxes to corner boxes."""
-    center_x, center_y, width, height = boxes.unbind(-1)
-    return torch.stack(
-        [center_x - 0.5 * width, center_y - 0.5 * height, center_x + 0.5 * width, center_y + 0.5 * height], dim=-1
-    )
+Boxes = TypeVar("Boxes", torch.Tensor, np.ndarray)
 
 
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+def _stack(columns: list[Boxes], like: Boxes) -> Boxes:
+    if isinstance(like, torch.Tensor):
+        return torch.stack(columns, dim=-1)
+    return np.stack(columns, axis=-1).astype(like.dtype, copy=False)
+
+
+def _columns(boxes: Boxes) -> list[Boxes]:
+    return [boxes[..., index] for index in range(4)]
+
+
+def box_cxcywh_to_xyxy(boxes: Boxes) -> Boxes:
+    """(..., 4) centre/size boxes to corner boxes (torch tensors or numpy arrays)."""
+    center_x, center_y, width, height = _columns(boxes)
+    corners = [center_x - 0.5 * width, center_y - 0.5 * height, center_x + 0.5 * width, center_y + 0.5 * height]
+    return _stack(corners, boxes)
+
+
+def box_xyxy_to_cxcywh(boxes: Boxes) -> Boxes:
     """(..., 4) corner boxes to centre/size boxes."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    x0, y0, x1, y1 = _columns(boxes)
+    return _stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], boxes)
+
+
+def box_xywh_to_xyxy(boxes: Boxes) -> Boxes:
+    """(..., 4) COCO (x, y, width, height) boxes to corner boxes."""
+    x, y, width, height = _columns(boxes)
+    return _stack([x, y, x + width, y + height], boxes)
+
+
+def box_xyxy_to_xywh(boxes: Boxes) -> Boxes:
+    """(..., 4) corner boxes to COCO (x, y, width, height) boxes."""
+    x0, y0, x1, y1 = _columns(boxes)
+    return _stack([x0, y0, x1 - x0, y1 - y0], boxes)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:

@@ -1,33 +1,150 @@
-"""A one-line detector: ``ddetr.pipeline(model=...)(image)`` gives the hub's object-detection schema."""
+"""The one inference path: images → preprocess → model (at the precision policy's dtype) → scored boxes.
+
+``detect_candidates`` is the forward and post-processing that everything shares: ``ObjectDetectionPipeline`` (and so
+``ddetr.pipeline(...)(image)``), the demo app's image, webcam and video modes, and ``finetune``'s COCO evaluation,
+which batches its own pixels. It keeps the best (query, class) pairs with no score threshold, so a caller can
+re-filter them by threshold, count or class without running the model again (``Candidates.detections``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ddetr.checkpoint.default_model import default_model
 from ddetr.checkpoint.hub import resolve_file
 from ddetr.model.object_detection import DeformableDetrForObjectDetection
-from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError
+from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError, post_process_object_detection
 from ddetr.runtime.allocator import keep_freed_memory
-from ddetr.runtime.precision import inference_autocast, resolve_precision
+from ddetr.runtime.precision import Precision, resolve_precision
 from ddetr.runtime.threads import configure_threads
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
+# Every (query, class) pair a caller may want to re-filter: the paper model's 300 queries' best.
+MAX_CANDIDATES = 300
+# The Deformable DETR processors cap the long side at 1333 for the 800-pixel default; a chosen size keeps that ratio.
+LONGEST_TO_SHORTEST = 1333 / 800
 logger = logging.getLogger(__name__)
 
 Detection = dict[str, Any]
 
 
-class ObjectDetectionPipeline:
-    """Load → preprocess (fast processor, on the model's device) → model → post-process, per image.
+@dataclass(frozen=True)
+class Candidates:
+    """The scored boxes of one image from one forward pass, best first, in pixels of the (EXIF-oriented) input."""
 
-    Returns, per image, ``[{"score": float, "label": str, "box": {"xmin", "ymin", "xmax", "ymax"}}]`` sorted by
-    score, with boxes in pixels of the (EXIF-oriented) input and clamped to it.
+    scores: np.ndarray  # (candidates,) float32, descending
+    labels: np.ndarray  # (candidates,) int64 class indices
+    names: tuple[str, ...]  # (candidates,) class names
+    boxes: np.ndarray  # (candidates, 4) float32 (xmin, ymin, xmax, ymax), clamped to the image
+    image_size: tuple[int, int]  # (height, width) of the input image
+    input_size: tuple[int, int]  # (height, width) the model saw, padding excluded
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def detections(
+        self, threshold: float, max_detections: int, classes: Iterable[str] | None = None
+    ) -> list[Detection]:
+        """The hub's object-detection schema, ``[{"score", "label", "box": {xmin, ymin, xmax, ymax}}]``: the best
+        ``max_detections`` candidates scoring above ``threshold``.
+
+        ``classes`` (empty or None: all) is applied after the cut to ``max_detections``, so hiding a class never
+        promotes low-scoring boxes of another class into view.
+        """
+        threshold = float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        max_detections = int(max_detections)
+        if max_detections < 1:
+            raise ValueError(f"max detections must be at least 1, got {max_detections}")
+        wanted = set(classes or ())
+        selected = []
+        for index in range(min(max_detections, len(self))):
+            score = float(self.scores[index])
+            if score <= threshold:
+                break  # scores are sorted: nothing after this passes either
+            name = self.names[index]
+            if wanted and name not in wanted:
+                continue
+            xmin, ymin, xmax, ymax = (round(float(v)) for v in self.boxes[index])
+            box = {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax}
+            selected.append({"score": round(score, 4), "label": name, "box": box})
+        return selected
+
+
+def inference_size(shortest_edge: int | None) -> dict[str, int] | None:
+    """The processor ``size`` for a chosen shortest edge (None keeps the checkpoint's own setting)."""
+    if shortest_edge is None:
+        return None
+    shortest = int(shortest_edge)
+    if shortest < 32:
+        raise ValueError(f"the inference shortest edge must be at least 32 pixels, got {shortest}")
+    return {"shortest_edge": shortest, "longest_edge": round(shortest * LONGEST_TO_SHORTEST)}
+
+
+def _unpadded_sizes(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(height, width) of the valid region of each image of a (batch, height, width) mask."""
+    rows = pixel_mask.bool().any(dim=2).sum(dim=1).tolist()
+    columns = pixel_mask.bool().any(dim=1).sum(dim=1).tolist()
+    return [(int(height), int(width)) for height, width in zip(rows, columns)]
+
+
+@torch.inference_mode()
+def detect_candidates(
+    model: DeformableDetrForObjectDetection,
+    pixel_values: torch.Tensor,
+    pixel_mask: torch.Tensor,
+    *,
+    image_sizes: Sequence[tuple[int, int]],
+    precision: Precision,
+    top_k: int = MAX_CANDIDATES,
+) -> list[Candidates]:
+    """One forward pass over a preprocessed batch and its top ``top_k`` (query, class) pairs per image.
+
+    pixel_values  (batch, 3, height, width) on the model's device; pixel_mask (batch, height, width), 1 = image
+    image_sizes   (height, width) of each original image: boxes are scaled to it and clamped inside it
+
+    The model runs under ``precision``'s autocast; boxes and scores are float32 whatever it is (the precision
+    policy, ``ddetr.runtime.precision``). The model's train/eval mode is the caller's business.
+    """
+    if len(image_sizes) != pixel_values.shape[0]:
+        raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {pixel_values.shape[0]} images")
+    with precision.autocast(pixel_values.device):
+        outputs = model(pixel_values, pixel_mask)
+    results = post_process_object_detection(outputs, threshold=0.0, target_sizes=list(image_sizes), top_k=top_k)
+    id2label = model.config.id2label
+    candidates = []
+    for result, (height, width), input_size in zip(results, image_sizes, _unpadded_sizes(pixel_mask)):
+        # (candidates, 4) (xmin, ymin, xmax, ymax) in pixels
+        boxes = result["boxes"].float()
+        limits = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+        boxes = torch.minimum(boxes.clamp(min=0.0), limits)
+        labels = result["labels"].cpu().numpy().astype(np.int64)
+        candidates.append(
+            Candidates(
+                scores=result["scores"].float().cpu().numpy(),
+                labels=labels,
+                names=tuple(id2label.get(int(label), str(int(label))) for label in labels),
+                boxes=boxes.cpu().numpy(),
+                image_size=(int(height), int(width)),
+                input_size=input_size,
+            )
+        )
+    return candidates
+
+
+class ObjectDetectionPipeline:
+    """Load → preprocess (fast processor, on the model's device) → :func:`detect_candidates` → detections.
+
+    Calling it returns, per image, ``[{"score": float, "label": str, "box": {"xmin", "ymin", "xmax", "ymax"}}]``
+    sorted by score, with boxes in pixels of the (EXIF-oriented) input and clamped to it.
     """
 
     def __init__(
@@ -37,23 +154,47 @@ class ObjectDetectionPipeline:
         processor: DeformableDetrImageProcessorFast,
         threshold: float = 0.5,
         top_k: int = 100,
-        precision: str = "fp32",
+        precision: str | Precision = "fp32",
     ) -> None:
         self.model = model.eval()
         self.processor = processor
         self.threshold = threshold
         self.top_k = top_k
         # "auto" is resolved once, for the model's device: bf16 where the hardware computes it natively.
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = precision if isinstance(precision, Precision) else resolve_precision(precision, self.device)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def candidates(
+        self, images: Sequence[Any], *, size: int | None = None, top_k: int = MAX_CANDIDATES
+    ) -> list[Candidates]:
+        """Every image of ``images`` (paths, bytes, PIL images, arrays) through the model in one batch.
+
+        ``size`` is the shortest edge to resize to (the long side keeps the processors' 1333/800 cap); None keeps
+        the checkpoint's setting. Padding to a common size changes results slightly: for outputs that do not
+        depend on the rest of the batch, pass one image at a time.
+        """
+        if not images:
+            raise ValueError("candidates() needs at least one image")
+        pictures = [self.processor.load_image(image) for image in images]
+        override = inference_size(size)
+        inputs = self.processor(pictures, device=self.device, **({"size": override} if override else {}))
+        return detect_candidates(
+            self.model,
+            inputs["pixel_values"],
+            inputs["pixel_mask"],
+            image_sizes=[(picture.height, picture.width) for picture in pictures],
+            precision=self.precision,
+            top_k=top_k,
+        )
+
     def __call__(
         self, images: Any, threshold: float | None = None, top_k: int | None = None
     ) -> list[Detection] | list[list[Detection]]:
-        """One image (path, bytes, PIL image, array) gives a list of detections; a list of images a list of lists."""
+        """One image (path, bytes, PIL image, array) gives a list of detections; a list of images a list of lists
+        (one forward pass per image, so each result is independent of the others)."""
         single = not isinstance(images, (list, tuple))
         batch: Sequence[Any] = [images] if single else images
         threshold = self.threshold if threshold is None else float(threshold)
@@ -62,36 +203,8 @@ class ObjectDetectionPipeline:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        results = [self._detect_one(image, threshold, top_k) for image in batch]
+        results = [self.candidates([image], top_k=top_k)[0].detections(threshold, top_k) for image in batch]
         return results[0] if single else results
-
-    @torch.inference_mode()
-    def _detect_one(self, image: Any, threshold: float, top_k: int) -> list[Detection]:
-        picture = self.processor.load_image(image)
-        width, height = picture.size
-        inputs = self.processor(picture, device=self.device)
-        with inference_autocast(self.precision, self.device):
-            outputs = self.model(inputs["pixel_values"], inputs["pixel_mask"])
-        (result,) = self.processor.post_process_object_detection(
-            outputs, threshold=threshold, target_sizes=[(height, width)], top_k=top_k
-        )
-        id2label = self.model.config.id2label
-        detections = []
-        for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()):
-            x0, y0, x1, y1 = box
-            detections.append(
-                {
-                    "score": round(float(score), 4),
-                    "label": id2label.get(int(label), str(label)),
-                    "box": {
-                        "xmin": round(min(max(x0, 0.0), width)),
-                        "ymin": round(min(max(y0, 0.0), height)),
-                        "xmax": round(min(max(x1, 0.0), width)),
-                        "ymax": round(min(max(y1, 0.0), height)),
-                    },
-                }
-            )
-        return detections
 
 
 def load_processor(source: str | os.PathLike | None) -> DeformableDetrImageProcessorFast:
@@ -122,7 +235,8 @@ def pipeline(
 
     ``threads``: torch's CPU threads; None caps torch's default at the CPUs this process may use (see
     :func:`ddetr.runtime.threads.configure_threads`). Freed activations are kept for the next call instead of being
-    returned to the OS (:func:`ddetr.runtime.allocator.keep_freed_memory`; ``DDETR_KEEP_FREED_MEMORY=0`` turns it off).
+    returned to the OS (:func:`ddetr.runtime.allocator.keep_freed_memory`; ``DDETR_KEEP_FREED_MEMORY=0`` turns it
+    off).
     """
     if task != "object-detection":
         raise ValueError(f"only the 'object-detection' task is supported, got {task!r}")
@@ -145,4 +259,4 @@ def pipeline(
     )
 
 
-__all__ = ["ImageInputError", "ObjectDetectionPipeline", "pipeline"]
+__all__ = ["Candidates", "ImageInputError", "ObjectDetectionPipeline", "detect_candidates", "pipeline"]

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ddetr.runtime.precision import PRECISIONS
 from finetune.api import resume_config
-from finetune.config import PRECISIONS, SCHEDULES, TrainConfig
+from finetune.config import SCHEDULES, TrainConfig
 from finetune.data.augment import AUGMENT_MODES
 from finetune.presets import PRESETS
 from finetune.run.trainer import Trainer

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ddetr.runtime.precision import PRECISIONS
 from finetune.data.augment import AUGMENT_MODES
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("step", "cosine")
 # Settings a resumed run may change: they affect speed or reporting, never the numbers it computes.
 RESUMABLE_OVERRIDES = frozenset({"device", "num_workers", "threads", "progress", "output_dir", "resume"})

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ddetr import allocator
+from ddetr.runtime import allocator
 
 FAULTS = """
 import resource, torch

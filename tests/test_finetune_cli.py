@@ -11,8 +11,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from finetune import cli, evaluate
+from finetune import cli
 from finetune.data.shapes import make_shapes_dataset
+from finetune.evaluate import cli as evaluate
 from finetune.evaluate.cli import label_mapping
 from finetune.run.metrics_log import read_metrics
 

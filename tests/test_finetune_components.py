@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ddetr import DeformableDetrForObjectDetection
+from ddetr.runtime.precision import resolve_precision
 from finetune.config import TrainConfig
 from finetune.data.sampler import ResumableBatchSampler, epoch_permutation, shard_indices
-from finetune.precision import resolve_precision
 from finetune.presets import PRESETS, parameter_groups, preset_config
 from finetune.run.ema import ModelEma
 from finetune.run.metrics_log import MetricsLog, read_metrics
@@ -97,7 +97,7 @@ def test_settings_are_validated() -> None:
 
 def test_precision_resolution_on_cpu() -> None:
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu).dtype is None
+    assert resolve_precision("auto", cpu, training=True).dtype is None
     assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
     assert resolve_precision("fp16", cpu).scale_loss
 
@@ -134,7 +134,7 @@ def test_plots_are_pngs(tmp_path: Path) -> None:
 
 
 def test_chart_axes_span_every_point(tmp_path: Path) -> None:
-    from finetune import plots
+    from finetune.run import plots
 
     # A resumed run's loss: steps from 10, values falling from 3.03, ends not on round ticks.
     points = [(10 + step, 3.03 - 1.5 * step / 10990) for step in range(0, 10991, 10)]

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from ddetr import DeformableDetrForObjectDetection
-from finetune import trainer as trainer_module
 from finetune.config import TrainConfig
 from finetune.data.shapes import SHAPE_CLASSES, make_shapes_dataset
 from finetune.presets import preset_config
+from finetune.run import trainer as trainer_module
 from finetune.run.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from finetune.run.metrics_log import read_metrics
 

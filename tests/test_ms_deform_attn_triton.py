@@ -405,7 +405,7 @@ def test_cpu_tensors_rejected_without_interpreter() -> None:
 
 
 def test_benchmark_help_and_missing_gpu(capsys: pytest.CaptureFixture[str]) -> None:
-    from ddetr.ops import bench_triton
+    from benchmarks import triton_kernels as bench_triton
 
     with pytest.raises(SystemExit) as exit_info:
         bench_triton.main(["--help"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr import threads
+from ddetr.runtime import threads
 
 
 def write(path: Path, text: str) -> None:

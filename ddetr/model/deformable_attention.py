@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddetr.ops import ms_deform_attn
-from ddetr.ops.linear import Linear, linear
-from ddetr.runtime.precision import at_least_float32
+from ddetr.ops.linear import Linear, fusable, linear
+from ddetr.runtime.precision import at_least_float32, float32_region
 
 
 class MultiscaleDeformableAttention(nn.Module):
@@ -88,32 +88,38 @@ class MultiscaleDeformableAttention(nn.Module):
     def _sampling_locations(
         self, query: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]]
     ) -> torch.Tensor:
-        """``sampling_locations(reference_points, sampling_offsets(query), spatial_shapes)``, fused.
+        """``sampling_locations(reference_points, sampling_offsets(query), spatial_shapes)``, fused, in float32.
 
         The per-level normalisation is a per-output-channel scale, so it folds into the projection's weights, and
         the reference is added in place: two fewer passes over a (batch, queries, heads, levels, points, 2) tensor
-        (about 4.6 M values per encoder layer at 800x1066). Locations stay float32 under bf16/fp16 autocast: a bf16
-        location is off by up to half a pixel on a 256-wide map.
+        (about 4.6 M values per encoder layer at 800x1066). The offsets and locations are float32 under bf16/fp16
+        autocast (the precision policy of ``ddetr.runtime.precision``): a bf16 location is off by up to half a
+        pixel on a 256-wide map. When hooks watch ``sampling_offsets`` the module is called and its output scaled,
+        so they see its real input and output.
         """
         batch, queries, _ = query.shape
         projection = self.sampling_offsets
+        # Float32, or float64 for a float64 model.
+        dtype = torch.promote_types(projection.weight.dtype, torch.float32)
         if reference_points.shape[-1] == 2:
             # (levels, 2): 1 / (width, height) of each level
-            level_scale = torch.tensor(
-                [[1.0 / w, 1.0 / h] for h, w in spatial_shapes], dtype=projection.weight.dtype, device=query.device
-            )
+            inverse_sizes = [[1.0 / w, 1.0 / h] for h, w in spatial_shapes]
+            level_scale = torch.tensor(inverse_sizes, dtype=dtype, device=query.device)
         elif reference_points.shape[-1] == 4:
-            level_scale = torch.full(
-                (self.levels, 2), 0.5 / self.points, dtype=projection.weight.dtype, device=query.device
-            )
+            level_scale = torch.full((self.levels, 2), 0.5 / self.points, dtype=dtype, device=query.device)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         # (heads * levels * points * 2,) in the projection's output order
         channel_scale = level_scale[None, :, None, :].expand(self.heads, -1, self.points, -1).reshape(-1)
-        # (batch, queries, heads * levels * points * 2)
-        offsets = linear(query, projection.weight * channel_scale[:, None], projection.bias * channel_scale)
+        with float32_region(query.device.type):
+            if fusable(projection):
+                weight, bias = projection.weight.to(dtype), projection.bias.to(dtype)
+                # (batch, queries, heads * levels * points * 2)
+                offsets = linear(query.to(dtype), weight * channel_scale[:, None], bias * channel_scale)
+            else:
+                offsets = projection(query.to(projection.weight.dtype)).to(dtype) * channel_scale
         # (batch, queries, heads, levels * points * 2)
-        locations = at_least_float32(offsets).view(batch, queries, self.heads, -1)
+        locations = offsets.view(batch, queries, self.heads, -1)
         reference = at_least_float32(reference_points)
         # Broadcasting a (batch, queries, 1, levels, 1, 2) reference leaves 2-element inner runs, 4-5x slower than
         # adding a (batch, queries, 1, levels * points * 2) one, which is small to build (no heads dimension).

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr.ops.linear import Linear
+from ddetr.ops.linear import fusable
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -20,7 +20,7 @@ def feed_forward(
     x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, activation: str, activation_dropout: float, training: bool
 ) -> torch.Tensor:
     """fc2(dropout(activation(fc1(x)))); the layers own fc1 / fc2 so weights keep their on-disk names."""
-    if activation == "relu" and isinstance(fc1, Linear):
+    if activation == "relu" and fusable(fc1):
         hidden = fc1.forward_relu(x)
     else:
         hidden = ACTIVATIONS[activation](fc1(x))

@@ -97,7 +97,9 @@ class DeformableDetrForObjectDetection(PretrainedMixin, nn.Module):
                     "logits": outputs.enc_outputs_class,
                     "pred_boxes": outputs.enc_outputs_coord_logits.sigmoid(),
                 }
-            loss, loss_dict = self.criterion(loss_inputs, labels)
+            # The matcher's costs and the focal loss under- and overflow in half precision.
+            with float32_region(hidden_states.device.type):
+                loss, loss_dict = self.criterion(loss_inputs, labels)
 
         return DeformableDetrObjectDetectionOutput(
             loss=loss,

@@ -17,9 +17,12 @@ forward at 800x1066: the separate bias copy and ReLU pass cost about 90 ms).
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -128,3 +131,19 @@ class Linear(nn.Linear):
     def forward_relu(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(self(x))``, fused into the GEMM where the oneDNN path applies."""
         return linear(x, self.weight, self.bias, relu=True)
+
+
+def fusable(module: nn.Module) -> TypeGuard[Linear]:
+    """Whether a fused path may compute ``module``'s output without calling it: a plain :class:`Linear` that no
+    hook watches. Otherwise the caller goes through ``module(...)``, so that quantisation, LoRA or profiling hooks
+    (and subclasses or replacements of the layer) see every call."""
+    if type(module) is not Linear:
+        return False
+    local = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    shared = (
+        module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
+    )
+    return not (local or shared)

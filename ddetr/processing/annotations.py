@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ddetr.boxes import box_xywh_to_xyxy, box_xyxy_to_cxcywh
 from ddetr.processing.errors import AnnotationError
 
 Target = dict[str, np.ndarray]
@@ -90,7 +91,7 @@ def prepare_coco_detection(annotation: Mapping[str, Any], image_size: tuple[int,
         dtype=np.float32,
     )
     classes = np.asarray([int(obj["category_id"]) for obj in objects], dtype=np.int64)
-    boxes[:, 2:] += boxes[:, :2]
+    boxes = box_xywh_to_xyxy(boxes)
     np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
     np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
     # NaN coordinates fail both comparisons, so they are dropped with the empty boxes.
@@ -122,8 +123,7 @@ def resize_target(target: Target, original_size: tuple[int, int], new_size: tupl
 def normalize_target_boxes(target: Target, image_size: tuple[int, int]) -> Target:
     """Absolute corner boxes to (cx, cy, w, h) relative to ``image_size`` (the unpadded image)."""
     height, width = image_size
-    x0, y0, x1, y1 = (target["boxes"][:, i] for i in range(4))
-    centred = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=1)
+    centred = box_xyxy_to_cxcywh(target["boxes"])
     normalised = dict(target)
     normalised["boxes"] = (centred / np.asarray([width, height, width, height], dtype=np.float32)).astype(np.float32)
     return normalised

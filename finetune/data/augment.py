@@ -139,15 +139,3 @@ def train_transform(
     image, boxes, labels = crop(image, boxes, labels, region)
     image, boxes = resize_short_side(image, boxes, int(rng.choice(scales)), config.long_side)
     return image, boxes, labels
-
-
-def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
-    converted = boxes.copy()
-    converted[:, 2:] = boxes[:, 2:] - boxes[:, :2]
-    return converted
-
-
-def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    converted = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
-    converted[:, 2:] = converted[:, :2] + converted[:, 2:]
-    return converted

@@ -15,8 +15,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ddetr.boxes import box_xywh_to_xyxy, box_xyxy_to_xywh
 from ddetr.processing import DeformableDetrImageProcessor, ImageInputError, load_image
-from finetune.data.augment import AugmentConfig, train_transform, xywh_to_xyxy, xyxy_to_xywh
+from finetune.data.augment import AugmentConfig, train_transform
 from finetune.data.records import DetectionSplit
 
 
@@ -94,11 +95,12 @@ class TrainingImages(torch.utils.data.Dataset):
         sample = self.split.samples[index]
         image = _load(self.split, index)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index, 0xA06]))
-        image, boxes, labels = train_transform(image, xywh_to_xyxy(sample.boxes), sample.labels, rng, self.augment)
+        corners = box_xywh_to_xyxy(np.asarray(sample.boxes, dtype=np.float32).reshape(-1, 4))
+        image, boxes, labels = train_transform(image, corners, sample.labels, rng, self.augment)
         return Example(
             index=index,
             image=image,
-            annotation=coco_annotation(index, xyxy_to_xywh(boxes), labels),
+            annotation=coco_annotation(index, box_xyxy_to_xywh(boxes), labels),
             original_size=(sample.height, sample.width),
         )
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from ddetr import DeformableDetrForObjectDetection
 from ddetr.processing import DeformableDetrImageProcessor
+from ddetr.runtime.precision import resolve_precision
 from finetune.data.collate import make_processor
 from finetune.data.prepare import PreparedData, prepare_data
 from finetune.data.records import DetectionSplit
 from finetune.evaluate.coco import CocoMetrics
 from finetune.evaluate.sharded import evaluate_model
-from finetune.precision import resolve_precision
 from finetune.run.distributed import DistributedContext, cleanup_distributed, setup_distributed
 
 logger = logging.getLogger(__name__)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
-from torch import nn
 
+from ddetr.boxes import box_xyxy_to_xywh
+from ddetr.model.object_detection import DeformableDetrForObjectDetection
+from ddetr.pipeline import detect_candidates
 from ddetr.processing import DeformableDetrImageProcessor
-from finetune.data.collate import DetectionCollator, EvaluationImages
+from ddetr.runtime.precision import Precision
+from finetune.data.collate import Batch, DetectionCollator, EvaluationImages
 from finetune.data.records import DetectionSplit
 from finetune.data.sampler import shard_indices
 from finetune.evaluate.coco import CocoMetrics, Detections, evaluate_detections
-from finetune.precision import Precision
 from finetune.run.distributed import DistributedContext, broadcast_object, gather_objects
-from finetune.run.step import predict
 
 
 def relabel(detections: list[Detections], label_map: dict[int, int]) -> list[Detections]:
@@ -26,9 +29,46 @@ def relabel(detections: list[Detections], label_map: dict[int, int]) -> list[Det
     return relabelled
 
 
+# COCO's AP@100 reads the top 100 (query, class) pairs of each image, at any score.
+EVAL_TOP_K = 100
+
+
+def predict(
+    *,
+    model: DeformableDetrForObjectDetection,
+    batches: Iterable[Batch],
+    precision: Precision,
+    device: torch.device,
+) -> list[Detections]:
+    """Top-100 detections per image through ddetr's inference path, boxes in original image pixels (COCO xywh)."""
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            candidates = detect_candidates(
+                model,
+                batch.pixel_values,
+                batch.pixel_mask,
+                image_sizes=batch.original_sizes,
+                precision=precision,
+                top_k=EVAL_TOP_K,
+            )
+            for index, found in zip(batch.indices, candidates):
+                results.append(
+                    Detections(
+                        index=int(index), boxes=box_xyxy_to_xywh(found.boxes), scores=found.scores, labels=found.labels
+                    )
+                )
+    finally:
+        model.train(was_training)
+    return results
+
+
 def evaluate_model(
     *,
-    model: nn.Module,
+    model: DeformableDetrForObjectDetection,
     split: DetectionSplit,
     class_names: list[str],
     processor: DeformableDetrImageProcessor,

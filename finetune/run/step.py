@@ -1,4 +1,4 @@
-"""One optimizer step and one prediction pass: the numeric core of training, with no files, logging or UI.
+"""One optimizer step: the numeric core of training, with no files, logging or UI.
 
 A step whose loss or gradients are not finite changes no weight (the gradients are dropped, the optimizer is not
 stepped) and reports itself as skipped; under DDP every process skips together, since they all-reduce the verdict
@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
-from ddetr.processing import post_process_object_detection
+from ddetr.runtime.precision import Precision
 from finetune.data.collate import Batch
-from finetune.evaluate.coco import Detections
-from finetune.precision import Precision, autocast
 from finetune.run.distributed import DistributedContext, any_process
 
 # Per-layer terms of the last decoder layer worth following in the logs (unweighted).
 LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
-EVAL_SCORE_THRESHOLD = 0.0
-EVAL_TOP_K = 100
 
 
 @dataclass
@@ -46,7 +40,7 @@ def _forward_loss(
 ) -> tuple[torch.Tensor | None, dict[str, float], str | None]:
     """The batch's loss, or None and why when it is not finite."""
     try:
-        with autocast(precision, device):
+        with precision.autocast(device):
             outputs = model(batch.pixel_values, batch.pixel_mask, labels=batch.labels)
     except ValueError as error:
         # The matcher refuses NaN/inf predictions; that is a diverged step, anything else is a bug to surface.
@@ -127,43 +121,3 @@ def train_step(
     else:
         optimizer.step()
     return StepOutcome(loss=total_loss, terms=summed_terms, grad_norm=grad_norm)
-
-
-@torch.no_grad()
-def predict(
-    *, model: nn.Module, batches: Iterable[Batch], precision: Precision, device: torch.device
-) -> list[Detections]:
-    """Top-100 detections per image, boxes in original image pixels (COCO xywh), at a near-zero threshold."""
-    was_training = model.training
-    model.eval()
-    results = []
-    try:
-        for batch in batches:
-            batch = batch.to(device)
-            with autocast(precision, device):
-                outputs = model(batch.pixel_values, batch.pixel_mask)
-            logits = outputs.logits.float()
-            boxes = outputs.pred_boxes.float()
-            processed = post_process_object_detection(
-                {"logits": logits, "pred_boxes": boxes},
-                threshold=EVAL_SCORE_THRESHOLD,
-                target_sizes=batch.original_sizes,
-                top_k=EVAL_TOP_K,
-            )
-            for index, item, (height, width) in zip(batch.indices, processed, batch.original_sizes):
-                corners = item["boxes"].cpu().numpy().astype(np.float64)
-                # Clip to the image as COCO ground truth is; transformers' post-processing does not.
-                corners[:, 0::2] = corners[:, 0::2].clip(0, width)
-                corners[:, 1::2] = corners[:, 1::2].clip(0, height)
-                xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
-                results.append(
-                    Detections(
-                        index=int(index),
-                        boxes=xywh.astype(np.float32),
-                        scores=item["scores"].cpu().numpy().astype(np.float32),
-                        labels=item["labels"].cpu().numpy().astype(np.int64),
-                    )
-                )
-    finally:
-        model.train(was_training)
-    return results

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ddetr import DeformableDetrForObjectDetection
+from ddetr.runtime.precision import resolve_precision
 from finetune.config import TrainConfig
 from finetune.data.augment import AugmentConfig
 from finetune.data.collate import DetectionCollator, TrainingImages, make_processor
@@ -37,7 +38,6 @@ from finetune.data.sampler import ResumableBatchSampler, batches_per_epoch
 from finetune.data.validation import format_reports
 from finetune.evaluate.coco import CocoMetrics
 from finetune.evaluate.sharded import evaluate_model
-from finetune.precision import keep_sampling_in_float32, resolve_precision
 from finetune.run.checkpoints import (
     CheckpointInfo,
     capture_rng_state,
@@ -210,10 +210,8 @@ class _Run:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.device = context.device
-        self.precision = resolve_precision(config.precision, self.device)
+        self.precision = resolve_precision(config.precision, self.device, training=True)
         self.model = model.to(self.device)
-        if self.precision.dtype is not None:
-            keep_sampling_in_float32(self.model)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.processor = make_processor(config.image_size, config.max_size)
         self.augment = AugmentConfig(image_size=config.image_size, max_size=config.max_size, mode=config.augment)
