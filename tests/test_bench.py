@@ -39,21 +39,51 @@ def test_detection_matching_is_one_to_one_and_label_aware():
     assert matched_fraction({"boxes": reference["boxes"][:1], "labels": torch.tensor([1])}, shifted) == 0.0
 
 
-def test_ddetr_bench_forwards_to_the_benchmark_and_product_code_never_imports_transformers():
+def test_the_benchmark_has_a_command_line_and_product_code_never_imports_it_or_transformers():
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     shown = subprocess.run(
-        [sys.executable, "-m", "ddetr.bench", "--help"], cwd=root, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "benchmarks", "--help"], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert shown.returncode == 0, shown.stderr
     assert "--quick" in shown.stdout and "--json" in shown.stdout
+    # Every module of the product, imported for real: none may pull in the oracle or the benchmark code.
     probe = (
-        "import sys, ddetr, finetune, finetune.cli, finetune.evaluate, app_support; "
-        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('transformers', 'benchmarks')))"
+        "import importlib, pkgutil, sys, ddetr, finetune, app_support\n"
+        "for package in (ddetr, finetune, app_support):\n"
+        "    for info in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
+        "        if not info.name.endswith('__main__'):\n"
+        "            importlib.import_module(info.name)\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('transformers', 'benchmarks', 'tests')))"
     )
-    imported = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
+    imported = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.strip() == "[]"
+
+
+def test_library_layers_import_only_downwards():
+    """ddetr imports nothing of ours but ddetr; finetune only ddetr and finetune (app -> engine -> model)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    allowed = {"ddetr": {"ddetr"}, "finetune": {"ddetr", "finetune"}}
+    ours = {"ddetr", "finetune", "app_support", "app", "benchmarks", "tests"}
+    offences = []
+    for package, may_import in allowed.items():
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in ours and top not in may_import:
+                        offences.append(f"{path.relative_to(root)} imports {name}")
+    assert offences == []
