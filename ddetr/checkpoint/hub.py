@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -17,6 +17,45 @@ class CheckpointNotFoundError(FileNotFoundError):
 def looks_like_repo_id(name: str) -> bool:
     parts = name.split("/")
     return 1 <= len(parts) <= 2 and all(part and not part.startswith(".") for part in parts)
+
+
+@overload
+def resolve_file(
+    path_or_repo_id: str | os.PathLike,
+    filename: str,
+    revision: str | None = None,
+    required: Literal[True] = True,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path: ...
+
+
+@overload
+def resolve_file(
+    path_or_repo_id: str | os.PathLike,
+    filename: str,
+    revision: str | None,
+    required: bool,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path | None: ...
+
+
+@overload
+def resolve_file(
+    path_or_repo_id: str | os.PathLike,
+    filename: str,
+    revision: str | None = None,
+    *,
+    required: bool,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path | None: ...
 
 
 def resolve_file(

@@ -46,8 +46,9 @@ def load_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
     arguments: dict[str, Any] = {}
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        if isinstance(payload.get("args"), argparse.Namespace):
-            arguments = vars(payload["args"])
+        namespace = payload.get("args")
+        if isinstance(namespace, argparse.Namespace):
+            arguments = vars(namespace)
         payload = payload["model"]
     if not isinstance(payload, dict) or not all(isinstance(value, torch.Tensor) for value in payload.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
@@ -94,8 +95,9 @@ def config_from_paper_checkpoint(state: dict[str, torch.Tensor], arguments: dict
     return DeformableDetrConfig(**fields)
 
 
-class PretrainedMixin:
-    """Loading and saving in the hub's format; mixed into the nn.Module model classes."""
+class PretrainedMixin(torch.nn.Module):
+    """Loading and saving in the hub's format; mixed into the nn.Module model classes (whose constructors take
+    the config alone)."""
 
     config: DeformableDetrConfig
     # Prefix of this class's tensors inside a full detection checkpoint ("model." for the headless body).
@@ -205,9 +207,8 @@ class PretrainedMixin:
         """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        module: torch.nn.Module = self  # type: ignore[assignment]
         state = state_for_saving(
-            module,
+            self,
             with_box_refine=self.config.with_box_refine,
             two_stage=self.config.two_stage,
             hf_resnet_layout=self.config.backbone_spec.layout == "hf_resnet",

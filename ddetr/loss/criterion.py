@@ -15,7 +15,7 @@ transformers 5.23 has no ``_enc`` term (its proposal head then gets no gradient)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -137,7 +137,8 @@ class SetCriterion(nn.Module):
                 )
             )
         total = sum(self.weight_dict[key] * value for key, value in losses.items() if key in self.weight_dict)
-        return total, losses
+        # A tensor, not sum()'s start value 0: the base terms (loss_ce, loss_bbox, loss_giou) are always in both.
+        return cast(torch.Tensor, total), losses
 
     @staticmethod
     def _num_boxes(targets: Sequence[Target], device: torch.device) -> torch.Tensor:

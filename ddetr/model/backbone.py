@@ -7,6 +7,8 @@ stage by dilation: its first block keeps dilation 1, the following blocks use di
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,12 @@ from torch import nn
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters, all stored as buffers (never trained)."""
+
+    # Registered as buffers in __init__; declared here so the type is Tensor rather than nn.Module.__getattr__'s.
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -23,7 +31,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # Checkpoints written from a regular BatchNorm carry a step counter that means nothing here.
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -48,6 +56,13 @@ def conv_frozen_bn(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: torch.Tensor) ->
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _shortcut(downsample: nn.Sequential | None, x: torch.Tensor) -> torch.Tensor:
+    """The residual branch: ``x`` itself, or its projection by ``downsample`` (a Conv2d then a FrozenBatchNorm2d)."""
+    if downsample is None:
+        return x
+    return conv_frozen_bn(cast(nn.Conv2d, downsample[0]), cast(FrozenBatchNorm2d, downsample[1]), x)
+
+
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
@@ -66,7 +81,7 @@ class BasicBlock(nn.Module):
         self.downsample = _downsample(in_channels, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else conv_frozen_bn(self.downsample[0], self.downsample[1], x)
+        shortcut = _shortcut(self.downsample, x)
         out = F.relu(conv_frozen_bn(self.conv1, self.bn1, x), inplace=True)
         out = conv_frozen_bn(self.conv2, self.bn2, out)
         return F.relu(out.add_(shortcut), inplace=True)
@@ -90,7 +105,7 @@ class Bottleneck(nn.Module):
         self.downsample = _downsample(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else conv_frozen_bn(self.downsample[0], self.downsample[1], x)
+        shortcut = _shortcut(self.downsample, x)
         out = F.relu(conv_frozen_bn(self.conv1, self.bn1, x), inplace=True)
         out = F.relu(conv_frozen_bn(self.conv2, self.bn2, out), inplace=True)
         out = conv_frozen_bn(self.conv3, self.bn3, out)

@@ -187,6 +187,7 @@ class DeformableDetrConfig:
         """The normalised backbone description; raises ValueError for backbones we cannot build."""
         config = self.backbone_config or {}
         model_type = config.get("model_type")
+        depths: tuple[int, ...]
         if model_type == "timm_backbone":
             name = config.get("backbone", "resnet50")
             if name not in RESNET_PRESETS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -46,8 +48,10 @@ def build_input_projections(in_channels: tuple[int, ...], d_model: int, levels: 
         )
         previous = d_model
     for projection in projections:
-        nn.init.xavier_uniform_(projection[0].weight, gain=1)
-        nn.init.zeros_(projection[0].bias)
+        conv = cast(nn.Conv2d, projection[0])
+        assert conv.bias is not None  # built with the default bias=True
+        nn.init.xavier_uniform_(conv.weight, gain=1)
+        nn.init.zeros_(conv.bias)
     return nn.ModuleList(projections)
 
 
@@ -152,7 +156,8 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Projected feature maps (batch, d_model, H_l, W_l) and their (batch, H_l, W_l) masks per level."""
         features = self.backbone(pixel_values, pixel_mask)
-        sources, masks = [], []
+        sources: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
         for level in range(self.config.num_feature_levels):
             if level < len(features):
                 feature, mask = features[level]
@@ -223,12 +228,15 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
         d_model = self.config.d_model
         enc_outputs_class = enc_outputs_coord_logits = None
         if self.config.two_stage:
+            class_heads, box_heads = self.decoder.class_embed, self.decoder.bbox_embed
+            # Both are built for two-stage (validate() makes two_stage imply with_box_refine).
+            assert class_heads is not None and box_heads is not None
             with float32_region(memory.device.type):
                 proposals, proposal_memory, _ = encoder_proposals(at_least_float32(memory), mask_flat, spatial_shapes)
                 # (batch, sequence, d_model)
                 object_queries = self.enc_output_norm(self.enc_output(proposal_memory))
-                enc_outputs_class = self.decoder.class_embed[-1](object_queries)
-                enc_outputs_coord_logits = self.decoder.bbox_embed[-1](object_queries) + proposals
+                enc_outputs_class = class_heads[-1](object_queries)
+                enc_outputs_coord_logits = box_heads[-1](object_queries) + proposals
             # The paper ranks proposals by the first class channel (binary "object" score during training).
             top = torch.topk(enc_outputs_class[..., 0], self.config.two_stage_num_proposals, dim=1).indices
             top_logits = torch.gather(enc_outputs_coord_logits, 1, top[..., None].expand(-1, -1, 4)).detach()

@@ -32,14 +32,18 @@ class DeformableDetrForObjectDetection(PretrainedMixin, nn.Module):
         self.config = config
         self.model = DeformableDetrModel(config)
         layers = config.decoder_layers
+        # The decoder holds class heads exactly when two-stage and box heads exactly with box refinement.
+        decoder_class_embed, decoder_bbox_embed = self.model.decoder.class_embed, self.model.decoder.bbox_embed
         if config.two_stage:
-            self.class_embed = self.model.decoder.class_embed
+            assert decoder_class_embed is not None
+            self.class_embed: nn.ModuleList = decoder_class_embed
         else:
             self.class_embed = build_class_heads(
                 config.d_model, config.num_labels, layers, shared=not config.with_box_refine
             )
         if config.with_box_refine:
-            self.bbox_embed = self.model.decoder.bbox_embed
+            assert decoder_bbox_embed is not None
+            self.bbox_embed: nn.ModuleList = decoder_bbox_embed
         else:
             self.bbox_embed = build_box_heads(config.d_model, layers, shared=True, two_stage=False)
         self._criterion: nn.Module | None = None

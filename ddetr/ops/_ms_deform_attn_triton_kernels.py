@@ -26,6 +26,7 @@ corners outside the map contribute zero (value and gradient), so samples entirel
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
@@ -45,7 +46,7 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_ROWS": rows}, num_warps=warps) for rows, warps in sizes]
 
 
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
     """Keep the register tile (rows x padded head_dim) bounded for large head_dim; always keep the smallest."""
     block_dim = int(kwargs["BLOCK_DIM"])
     kept = [config for config in configs if config.kwargs["BLOCK_ROWS"] * block_dim <= 8192]

@@ -36,6 +36,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -436,7 +437,8 @@ def _torch_backward(
     def function(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return _torch_msda(value, spatial_shapes, locations, weights)
 
-    _, pullback = torch.func.vjp(function, value, sampling_locations, attention_weights)
+    # vjp returns (output, pullback) without has_aux; its annotation is the union with the has_aux triple.
+    pullback = torch.func.vjp(function, value, sampling_locations, attention_weights)[1]
     return pullback(grad_output)
 
 
@@ -493,14 +495,14 @@ def _backward_fake(
     return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     value, spatial_shapes, sampling_locations, attention_weights, backend = inputs
     ctx.save_for_backward(value, sampling_locations, attention_weights)
     ctx.spatial_shapes = spatial_shapes
     ctx.backend = backend
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:
+def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
     value, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_locations, grad_weights = _backward_op(
         grad_output.contiguous(), value, ctx.spatial_shapes, sampling_locations, attention_weights, ctx.backend
@@ -518,7 +520,7 @@ class _CppFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         value: torch.Tensor,
         spatial_shapes: list[int],
         sampling_locations: torch.Tensor,
@@ -530,7 +532,7 @@ class _CppFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         value, sampling_locations, attention_weights = ctx.saved_tensors
         grad_value, grad_locations, grad_weights = _cpp_backward(
             grad_output.contiguous(), value, ctx.spatial_shapes, sampling_locations, attention_weights

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import PIL.Image
@@ -35,6 +35,9 @@ from ddetr.processing.resize import normalize_pad_size, normalize_size
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 SUPPORTED_FORMATS = ("coco_detection",)
+
+# The processor class a classmethod is called on, so from_dict / from_pretrained return that subclass.
+_Processor = TypeVar("_Processor", bound="DeformableDetrImageProcessorBase")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +263,28 @@ class DeformableDetrImageProcessorBase:
         """Same as ``preprocess``."""
         return self.preprocess(images, annotations, **kwargs)
 
-    def preprocess(self, images: Any, annotations: Any = None, **kwargs: Any) -> BatchFeature:
+    def preprocess(
+        self,
+        images: Any,
+        annotations: Any = None,
+        *,
+        return_tensors: str | None = "pt",
+        do_resize: bool | None = None,
+        size: int | Sequence[int] | dict[str, int] | None = None,
+        resample: int | PIL.Image.Resampling | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_annotations: bool | None = None,
+        do_pad: bool | None = None,
+        pad_size: dict[str, int] | None = None,
+        format: str | None = None,
+        do_convert_rgb: bool | None = None,
+        max_image_pixels: int | None = None,
+    ) -> BatchFeature:
+        """The options every processor takes; the concrete processors implement it (and may add their own)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------------------- #
@@ -317,7 +341,7 @@ class DeformableDetrImageProcessorBase:
         return [str(write_config(self.to_dict(), save_directory))]
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any], **kwargs: Any) -> DeformableDetrImageProcessorBase:
+    def from_dict(cls: type[_Processor], config: dict[str, Any], **kwargs: Any) -> _Processor:
         """Build from a config dict (any of its historical spellings); ``kwargs`` override its values."""
         init_kwargs = config_to_init_kwargs(config, cls._init_keys)
         if "size" in kwargs:
@@ -327,7 +351,7 @@ class DeformableDetrImageProcessorBase:
 
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[_Processor],
         pretrained_model_name_or_path: str | os.PathLike,
         *,
         revision: str | None = None,
@@ -335,7 +359,7 @@ class DeformableDetrImageProcessorBase:
         local_files_only: bool = False,
         token: str | bool | None = None,
         **kwargs: Any,
-    ) -> DeformableDetrImageProcessorBase:
+    ) -> _Processor:
         """Load from a local directory (or its JSON file) or a Hub repo id; ``kwargs`` override config values."""
         config_file = resolve_config_file(
             pretrained_model_name_or_path,

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from ddetr.checkpoint.hub import resolve_file
 
@@ -56,16 +56,13 @@ def resolve_config_file(
             raise OSError(f"{path} has no {PREPROCESSOR_CONFIG_NAME}; save one with save_pretrained({str(path)!r})")
         return candidate
     # required=True: resolve_file raises instead of returning None.
-    return cast(
-        Path,
-        resolve_file(
-            pretrained_model_name_or_path,
-            PREPROCESSOR_CONFIG_NAME,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-        ),
+    return resolve_file(
+        pretrained_model_name_or_path,
+        PREPROCESSOR_CONFIG_NAME,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
     )
 
 
