@@ -20,6 +20,7 @@ from typing import Literal
 from app_support.errors import UserFacingError
 from app_support.paths import is_inside
 from ddetr.checkpoint.default_model import (
+    BUNDLED_MODEL_DIR,
     BUNDLED_MODEL_NAME,
     DEFAULT_HUB_MODEL,
     hub_cached,
@@ -93,8 +94,10 @@ class ModelRegistry:
         cli_model: str | None = None,
         hub_reachable: Callable[[], bool] | None = None,
         finetuned: Callable[[], Iterable[tuple[str, Path]]] | None = None,
+        bundled_dir: Path = BUNDLED_MODEL_DIR,
     ) -> None:
         self.models_root = Path(models_root).resolve()
+        self.bundled_dir = Path(bundled_dir)
         self.cli_model = cli_model
         self._hub_reachable = hub_reachable if hub_reachable is not None else HubReachability()
         self._finetuned = finetuned if finetuned is not None else (lambda: ())
@@ -112,13 +115,13 @@ class ModelRegistry:
         found: list[ModelChoice] = []
         if self.cli_model:
             found.append(self._cli_choice(self.cli_model))
-        bundled = self.models_root / BUNDLED_MODEL_NAME
-        if is_model_dir(bundled):
-            found.append(ModelChoice("bundled", f"{BUNDLED_MODEL_NAME} (bundled)", str(bundled), "bundled"))
+        if is_model_dir(self.bundled_dir):
+            label = f"{BUNDLED_MODEL_NAME} (bundled)"
+            found.append(ModelChoice("bundled", label, str(self.bundled_dir.resolve()), "bundled"))
         for name, directory in self._finetuned():
             if is_model_dir(Path(directory)):
                 found.append(ModelChoice(f"run:{name}", f"{name} (fine-tuned here)", str(directory), "finetuned"))
-        found.extend(self._local_choices(exclude={BUNDLED_MODEL_NAME}))
+        found.extend(self._local_choices())
         return _unique(found)
 
     def dropdown_choices(self) -> list[tuple[str, str]]:
@@ -138,13 +141,15 @@ class ModelRegistry:
             cached = list(SENSETIME_CHECKPOINTS)
         return [ModelChoice(f"hub:{repo}", repo, repo, "hub") for repo in cached]
 
-    def _local_choices(self, exclude: set[str]) -> list[ModelChoice]:
+    def _local_choices(self) -> list[ModelChoice]:
         if not self.models_root.is_dir():
             return []
         found = []
         for child in sorted(self.models_root.iterdir()):
             # A symlink pointing outside the folder would turn the allow-list into a pointer anywhere on disk.
-            if child.name in exclude or child.name.startswith(".") or not is_inside(child, self.models_root):
+            if child.name.startswith(".") or not is_inside(child, self.models_root):
+                continue
+            if child.resolve() == self.bundled_dir.resolve():  # listed once, as the bundled model
                 continue
             if child.is_dir() and is_model_dir(child):
                 found.append(ModelChoice(f"dir:{child.name}", f"models/{child.name}", str(child.resolve()), "local"))
@@ -186,7 +191,7 @@ def resolve_default_model(choices: list[ModelChoice]) -> ModelChoice:
         return choices[0]
     raise NoModelAvailableError(
         f"No detection model is available: {DEFAULT_HUB_MODEL} is neither in the hub cache nor reachable, and "
-        f"models/{BUNDLED_MODEL_NAME} does not exist. Start the app with --model DIR (a folder holding config.json "
-        "and model.safetensors), download the checkpoint where the hub is reachable (`hf download "
-        f"{DEFAULT_HUB_MODEL}`), or fine-tune a model in the Fine-tune tab."
+        f"the bundled {BUNDLED_MODEL_NAME} model is missing from the installation. Start the app with --model DIR "
+        "(a folder holding config.json and model.safetensors), download the checkpoint where the hub is reachable "
+        f"(`hf download {DEFAULT_HUB_MODEL}`), or fine-tune a model in the Fine-tune tab."
     )

@@ -1,11 +1,32 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules: the only builders of tiny models, test images and test data sets.
+
+Test modules import nothing from one another (nor from this file): what two modules need in common is a fixture
+here. Helpers that tests call with arguments are fixtures that return the function (``perturb_``,
+``batch_of_two``, ``tiny_config``, ``transformers_model``, ``write_bad_coco``, ``truncated_png``). Sets that tests
+are parametrized over come from ``pytest_generate_tests``: a test taking ``transformers_variant`` runs once per
+transformers model variant, one taking ``corpus_entry`` once per file of the malformed-image corpus.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import io
+import json
+import math
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
 import pytest
 import torch
+from PIL import features
+
+import ddetr
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +37,524 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "transformers_variant" in metafunc.fixturenames:
+        metafunc.parametrize("transformers_variant", list(TRANSFORMERS_VARIANTS))
+    if "corpus_entry" in metafunc.fixturenames:
+        corpus = _image_corpus()
+        metafunc.parametrize("corpus_entry", corpus, ids=[entry.name for entry in corpus])
+
+
+# -- the app's tiny detector and test images -------------------------------------------------------------------- #
+
+TINY_CLASSES = {0: "circle", 1: "square", 2: "triangle"}
+
+
+@pytest.fixture(scope="session")
+def tiny_classes() -> dict[int, str]:
+    """The classes of ``tiny_model_dir``'s detector."""
+    return dict(TINY_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random detector whose scores spread over (0, 1), deterministic (seed 0).
+
+    A freshly initialised Deformable DETR scores everything near its 1 % class prior, so thresholds would have
+    nothing to separate; zeroing the class-head bias and scaling its weights by 8 spreads the scores, giving the
+    threshold slider something to do. Shared by the whole session: link or copy it before changing anything.
+    """
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = ddetr.DeformableDetrConfig(
+            backbone="resnet18",
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            num_queries=20,
+            id2label=dict(TINY_CLASSES),
+        )
+        model = ddetr.DeformableDetrForObjectDetection(config)
+    with torch.no_grad():
+        for head in {id(m): m for m in model.class_embed}.values():
+            head.bias.zero_()
+            head.weight.mul_(8.0)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def shapes_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 320x240 PNG: a red circle, a blue square and a green triangle on a light background."""
+    path = tmp_path_factory.mktemp("images") / "shapes.png"
+    image = PIL.Image.new("RGB", (320, 240), (235, 235, 230))
+    draw = PIL.ImageDraw.Draw(image)
+    draw.ellipse((20, 30, 90, 100), fill=(200, 30, 30))
+    draw.rectangle((150, 60, 220, 130), fill=(30, 30, 200))
+    draw.polygon([(240, 200), (300, 200), (270, 140)], fill=(30, 160, 30))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def truncated_png() -> Callable[[Path], Path]:
+    """``truncated_png(path) -> path`` writes a PNG whose header is intact and pixel data cut: it opens but fails
+    to decode. A factory, because tests choose the file name (error messages must name the upload)."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, format="PNG")
+    cut = buffer.getvalue()[:60]
+
+    def write(path: Path) -> Path:
+        path.write_bytes(cut)
+        return path
+
+    return write
+
+
+# -- tiny models and inputs for the model tests ----------------------------------------------------------------- #
+
+
+def _tiny_config(**fields) -> ddetr.DeformableDetrConfig:
+    base = dict(
+        backbone="resnet18", d_model=64, encoder_layers=1, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
+        two_stage_num_proposals=10, num_labels=3, auxiliary_loss=True,
+    )  # fmt: skip
+    return ddetr.DeformableDetrConfig(**{**base, **fields})
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., ddetr.DeformableDetrConfig]:
+    """``tiny_config(**fields)``: our config for a small detector (resnet18, d_model 64, 1 encoder and 3 decoder
+    layers, 4 heads, 10 queries, 3 labels, auxiliary loss), ``fields`` overriding any of it."""
+    return _tiny_config
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point():
+            continue
+        noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+        if name.endswith("running_var"):
+            tensor.copy_(0.5 + noise.abs())
+        elif name.endswith("running_mean"):
+            tensor.copy_(0.1 * noise)
+        elif tensor.dim() > 1:
+            tensor.add_(0.05 * noise)
+        else:
+            tensor.add_(0.1 * noise)
+    return model
+
+
+@pytest.fixture(scope="session")
+def perturb_() -> Callable[..., torch.nn.Module]:
+    """``perturb_(model, seed=0) -> model``: make every parameter and buffer distinct and non-trivial, in place,
+    so that any mis-loaded tensor changes the outputs."""
+    return _perturb
+
+
+def _batch_of_two(seed: int = 0, sizes=((96, 128), (80, 72))) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    pixel_values = torch.zeros(len(sizes), 3, height, width)
+    pixel_mask = torch.zeros(len(sizes), height, width, dtype=torch.long)
+    for index, (h, w) in enumerate(sizes):
+        pixel_values[index, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        pixel_mask[index, :h, :w] = 1
+    return pixel_values, pixel_mask
+
+
+@pytest.fixture(scope="session")
+def batch_of_two() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``batch_of_two(seed=0, sizes=((96, 128), (80, 72))) -> (pixel_values, pixel_mask)``: random images of
+    those sizes padded bottom/right to one canvas, with their pixel mask."""
+    return _batch_of_two
+
+
+# -- transformers models (the reference oracle) ----------------------------------------------------------------- #
+
+TRANSFORMERS_VARIANTS = {
+    "multi-scale": {},
+    "single-scale": {"num_feature_levels": 1},
+    "box-refine": {"with_box_refine": True},
+    "two-stage": {"with_box_refine": True, "two_stage": True},
+}
+TINY_HF_RESNET = {"embedding_size": 8, "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 2, 1]}
+
+
+def _tiny_transformers_config(variant: str = "multi-scale", layer_type: str = "basic", **overrides):
+    from transformers import DeformableDetrConfig, ResNetConfig
+
+    fields = {**TRANSFORMERS_VARIANTS[variant], **overrides}
+    levels = fields.get("num_feature_levels", 4)
+    backbone = dict(TINY_HF_RESNET, layer_type=layer_type)
+    if layer_type == "bottleneck":
+        backbone["hidden_sizes"] = [32, 64, 128, 256]
+    out_features = ["stage2", "stage3", "stage4"] if levels > 1 else ["stage4"]
+    return DeformableDetrConfig(
+        backbone_config=ResNetConfig(**backbone, out_features=out_features),
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=40,
+        num_queries=12,
+        two_stage_num_proposals=12,
+        encoder_n_points=3,
+        decoder_n_points=2,
+        num_labels=5,
+        auxiliary_loss=True,
+        **fields,
+    )
+
+
+def _transformers_model(variant: str = "multi-scale", seed: int = 0, layer_type: str = "basic", **overrides):
+    from transformers import DeformableDetrForObjectDetection
+
+    torch.manual_seed(seed)
+    model = DeformableDetrForObjectDetection(_tiny_transformers_config(variant, layer_type, **overrides))
+    return _perturb(model, seed).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_transformers_config() -> Callable[..., object]:
+    """``tiny_transformers_config(variant="multi-scale", layer_type="basic", **overrides)``: a transformers
+    DeformableDetrConfig with a tiny HF-ResNet backbone (timm is not installed in CI). ``variant`` is one of
+    those ``transformers_variant`` runs over."""
+    pytest.importorskip("transformers")
+    return _tiny_transformers_config
+
+
+@pytest.fixture(scope="session")
+def transformers_model() -> Callable[..., torch.nn.Module]:
+    """``transformers_model(variant="multi-scale", seed=0, layer_type="basic", **overrides)``: a transformers
+    detector of ``tiny_transformers_config``, seeded, perturbed and in eval mode."""
+    pytest.importorskip("transformers")
+    return _transformers_model
+
+
+# -- a COCO annotation file with every defect ------------------------------------------------------------------- #
+
+
+def _coco_object(identifier: int, image_id: int, bbox: list, category: int = 1, **extra: object) -> dict:
+    return {"id": identifier, "image_id": image_id, "category_id": category, "bbox": bbox, "iscrowd": 0, **extra}
+
+
+def _write_bad_coco(folder: Path) -> Path:
+    nan, inf = math.nan, math.inf
+    width, height = 64, 48
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("ok.png", "empty.png", "mismatch.png", "dup.png"):
+        PIL.Image.new("RGB", (width, height), (10, 200, 30)).save(folder / name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    images = [
+        {"id": 1, "file_name": "ok.png", "width": width, "height": height},
+        {"id": 2, "file_name": "missing.png", "width": width, "height": height},
+        {"id": 3, "file_name": "broken.png", "width": width, "height": height},
+        {"id": 4, "file_name": "empty.png", "width": width, "height": height},
+        {"id": 1, "file_name": "dup.png", "width": width, "height": height},
+        {"id": 6, "file_name": "mismatch.png", "width": 100, "height": 100},
+    ]
+    annotations = [
+        _coco_object(1, 1, [4, 4, 20, 20]),  # fine
+        _coco_object(2, 1, [10, 10, 0, 5]),  # zero width
+        _coco_object(3, 1, [10, 10, 5, -3], category=2),  # negative height
+        _coco_object(4, 1, [50, 30, 30, 30]),  # partly outside: clipped
+        _coco_object(5, 1, [100, 100, 10, 10]),  # entirely outside: dropped
+        _coco_object(6, 1, [nan, 1, 2, 3]),  # NaN
+        _coco_object(7, 1, ["a", 1, 2, 3]),  # a string coordinate
+        _coco_object(8, 1, [1, 1, inf, 3]),  # inf
+        _coco_object(9, 1, [1, 1, 5, 5], category=99),  # unknown category
+        _coco_object(1, 1, [30, 5, 10, 10]),  # repeats object id 1
+        _coco_object(11, 1, [2, 2, 9, 9], iscrowd=1),  # crowd: ignored, not a problem
+        _coco_object(12, 1, [40, 20, 24.3, 10]),  # 0.3 px past the border: rounding, clipped silently
+        _coco_object(13, 2, [1, 1, 5, 5]),  # belongs to the missing image
+        _coco_object(14, 3, [1, 1, 5, 5]),  # belongs to the undecodable image
+        _coco_object(15, 6, [1, 1, 10, 10]),  # on the image whose stored size is wrong (really 64x48)
+        _coco_object(16, 999, [1, 1, 5, 5]),  # image 999 does not exist
+    ]
+    categories = [{"id": 1, "name": "thing"}, {"id": 2, "name": "other"}]
+    path = folder / "annotations.json"
+    # json writes NaN / Infinity tokens, which is what broken exporters produce.
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_bad_coco() -> Callable[[Path], Path]:
+    """``write_bad_coco(folder) -> annotations.json``: one COCO file with each defect the validation counts,
+    over 64x48 images in ``folder`` (classes "thing" and "other"); tests/test_finetune_validation.py lists the
+    expected counts."""
+    return _write_bad_coco
+
+
+# -- a corpus of malformed and odd image files ------------------------------------------------------------------ #
+#
+# Every file is built from a small synthetic picture; each says whether it must be accepted ("accept"), must be
+# refused ("reject"), or may go either way ("either": corrupt data that a decoder may legitimately conceal).
+
+ACCEPT, REJECT, EITHER = "accept", "reject", "either"
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    name: str
+    expectation: str  # "accept", "reject" or "either"
+    build: Callable[[], bytes | None]  # None: the path is not a regular file (missing, directory)
+    is_bomb: bool = False
+
+
+def _picture(width: int = 64, height: int = 48, seed: int = 0) -> PIL.Image.Image:
+    """A photo-like RGB picture: smooth gradients plus noise, so codecs behave as on real images."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
+    noisy = base + rng.normal(0, 12, base.shape)
+    return PIL.Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _encode(image: PIL.Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid small PNG whose IHDR (with a correct CRC) claims ``width`` x ``height``."""
+    data = bytearray(_encode(_picture(), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    data = bytearray(_encode(_picture(), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _gif_declaring(width: int, height: int) -> bytes:
+    data = bytearray(_encode(_picture(), "GIF"))
+    data[6:10] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+def _bmp_declaring(width: int, height: int) -> bytes:
+    data = bytearray(_encode(_picture(), "BMP"))
+    data[18:26] = struct.pack("<ii", width, height)
+    return bytes(data)
+
+
+def _truncated(data: bytes, fraction: float) -> bytes:
+    return data[: max(1, int(len(data) * fraction))]
+
+
+def _flip_byte(data: bytes, position: int) -> bytes:
+    mutable = bytearray(data)
+    mutable[position] ^= 0xFF
+    return bytes(mutable)
+
+
+def _with_orientation(orientation: int, format: str = "JPEG") -> bytes:
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(_picture(), format, exif=exif.tobytes())
+
+
+def _raw_exif_jpeg(exif_payload: bytes) -> bytes:
+    """A JPEG with an arbitrary APP1 payload spliced in after SOI (Pillow would refuse to write a malformed one)."""
+    jpeg = _encode(_picture(), "JPEG")
+    segment = b"\xff\xe1" + struct.pack(">H", len(exif_payload) + 2) + exif_payload
+    return jpeg[:2] + segment + jpeg[2:]
+
+
+def _exif_orientation_as_text() -> bytes:
+    entry = struct.pack("<HHI", 0x0112, 2, 4) + b"abc\x00"
+    return _raw_exif_jpeg(b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + entry + b"\0" * 4)
+
+
+def _exif_dangling_offset() -> bytes:
+    return _raw_exif_jpeg(b"Exif\x00\x00II*\x00" + struct.pack("<I", 0xFFFFFF00))
+
+
+def _animated(format: str, **options) -> bytes:
+    frames = [PIL.Image.new("RGB", (40, 30), colour) for colour in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    return _encode(frames[0], format, save_all=True, append_images=frames[1:], **options)
+
+
+def _mode(mode: str) -> PIL.Image.Image:
+    picture = _picture()
+    if mode == "LA":
+        image = picture.convert("L")
+        image.putalpha(picture.convert("L"))
+        return image
+    if mode == "RGBA":
+        image = picture.copy()
+        image.putalpha(PIL.Image.linear_gradient("L").resize(picture.size))
+        return image
+    return picture.convert(mode)
+
+
+def _array_image(values: np.ndarray) -> PIL.Image.Image:
+    return PIL.Image.fromarray(values)
+
+
+def _float_with_non_finite() -> bytes:
+    values = np.linspace(0, 1, 48 * 64, dtype=np.float32).reshape(48, 64)
+    values[0, :4] = [np.nan, np.inf, -np.inf, -3]
+    return _encode(_array_image(values), "TIFF")
+
+
+def _multi_page_tiff() -> bytes:
+    pages = [PIL.Image.new("RGB", (40, 30), colour) for colour in ((250, 0, 0), (0, 250, 0))]
+    return _encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+
+
+def _svg() -> bytes:
+    return b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="64" height="48"><rect/></svg>'
+
+
+def _corpus() -> list[CorpusFile]:
+    jpeg = _encode(_picture(), "JPEG")
+    png = _encode(_picture(), "PNG")
+    rng = np.random.default_rng(1234)
+    files = [
+        CorpusFile("empty.jpg", REJECT, lambda: b""),
+        CorpusFile("random.bin", REJECT, lambda: rng.bytes(4096)),
+        CorpusFile("random_after_jpeg_magic.jpg", REJECT, lambda: b"\xff\xd8\xff\xe0" + rng.bytes(4096)),
+        CorpusFile("random_after_png_signature.png", REJECT, lambda: b"\x89PNG\r\n\x1a\n" + rng.bytes(4096)),
+        CorpusFile("jpeg_header_only.jpg", REJECT, lambda: jpeg[:20]),
+        CorpusFile("png_header_only.png", REJECT, lambda: png[:40]),
+        CorpusFile("png_bad_ihdr_crc.png", REJECT, lambda: _flip_byte(png, 30)),
+        CorpusFile("png_bad_idat_byte.png", EITHER, lambda: _flip_byte(png, len(png) // 2)),
+        CorpusFile("jpeg_corrupt_scan.jpg", EITHER, lambda: _flip_byte(jpeg, len(jpeg) // 2)),
+        CorpusFile("missing.png", REJECT, lambda: None),
+        CorpusFile("a_directory.png", REJECT, lambda: None),
+        # Bombs: declared sizes far above the 50 MP limit; must be refused from the header.
+        CorpusFile("bomb_png_60mp.png", REJECT, lambda: _png_declaring(10000, 6000), is_bomb=True),
+        CorpusFile("bomb_png_200mp.png", REJECT, lambda: _png_declaring(20000, 10000), is_bomb=True),
+        CorpusFile("bomb_png_1gp.png", REJECT, lambda: _png_declaring(40000, 25000), is_bomb=True),
+        CorpusFile("bomb_jpeg_3.6gp.jpg", REJECT, lambda: _jpeg_declaring(60000, 60000), is_bomb=True),
+        CorpusFile("bomb_gif_4gp.gif", REJECT, lambda: _gif_declaring(65535, 65535), is_bomb=True),
+        CorpusFile("bomb_bmp_400mp.bmp", REJECT, lambda: _bmp_declaring(20000, 20000), is_bomb=True),
+        CorpusFile(
+            "bomb_real_1bit_64mp.png", REJECT, lambda: _encode(PIL.Image.new("1", (8000, 8000)), "PNG"), is_bomb=True
+        ),
+        # Odd but valid sizes and modes.
+        CorpusFile("1x1.png", ACCEPT, lambda: _encode(_picture(1, 1), "PNG")),
+        CorpusFile("2x2.png", ACCEPT, lambda: _encode(_picture(2, 2), "PNG")),
+        CorpusFile("9x9.jpg", ACCEPT, lambda: _encode(_picture(9, 9), "JPEG")),
+        CorpusFile("3x5000_wide.png", ACCEPT, lambda: _encode(_picture(5000, 3), "PNG")),
+        CorpusFile("5000x3_tall.png", ACCEPT, lambda: _encode(_picture(3, 5000), "PNG")),
+        CorpusFile("1x10000_wide.png", REJECT, lambda: _encode(_picture(10000, 1), "PNG")),
+        CorpusFile("10000x1_tall.png", REJECT, lambda: _encode(_picture(1, 10000), "PNG")),
+        CorpusFile("mode_1.png", ACCEPT, lambda: _encode(_mode("1"), "PNG")),
+        CorpusFile("mode_L.png", ACCEPT, lambda: _encode(_mode("L"), "PNG")),
+        CorpusFile("mode_LA.png", ACCEPT, lambda: _encode(_mode("LA"), "PNG")),
+        CorpusFile("mode_P.png", ACCEPT, lambda: _encode(_mode("P"), "PNG")),
+        CorpusFile("mode_P_transparent.png", ACCEPT, lambda: _encode(_mode("P"), "PNG", transparency=3)),
+        CorpusFile("mode_RGBA.png", ACCEPT, lambda: _encode(_mode("RGBA"), "PNG")),
+        CorpusFile("mode_RGBA_invisible.png", ACCEPT, lambda: _encode(PIL.Image.new("RGBA", (30, 20)), "PNG")),
+        CorpusFile("mode_CMYK.jpg", ACCEPT, lambda: _encode(_mode("CMYK"), "JPEG")),
+        CorpusFile("mode_CMYK.tif", ACCEPT, lambda: _encode(_mode("CMYK"), "TIFF")),
+        CorpusFile("mode_LAB.tif", ACCEPT, lambda: _encode(_mode("LAB"), "TIFF")),
+        CorpusFile("mode_L.jpg", ACCEPT, lambda: _encode(_mode("L"), "JPEG")),
+        CorpusFile(
+            "mode_I16.png",
+            ACCEPT,
+            lambda: _encode(_array_image(np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21), "PNG"),
+        ),
+        CorpusFile(
+            "mode_I32.tif",
+            ACCEPT,
+            lambda: _encode(_array_image(np.arange(48 * 64, dtype=np.int32).reshape(48, 64) * 1000), "TIFF"),
+        ),
+        CorpusFile("mode_F_non_finite.tif", ACCEPT, _float_with_non_finite),
+        CorpusFile("progressive.jpg", ACCEPT, lambda: _encode(_picture(), "JPEG", progressive=True)),
+        # EXIF.
+        *[CorpusFile(f"exif_orientation_{k}.jpg", ACCEPT, lambda k=k: _with_orientation(k)) for k in range(1, 9)],
+        CorpusFile("exif_orientation_0.jpg", ACCEPT, lambda: _with_orientation(0)),
+        CorpusFile("exif_orientation_9.jpg", ACCEPT, lambda: _with_orientation(9)),
+        CorpusFile("exif_orientation_6.png", ACCEPT, lambda: _with_orientation(6, "PNG")),
+        CorpusFile("exif_orientation_3.webp", ACCEPT, lambda: _with_orientation(3, "WEBP")),
+        CorpusFile("exif_garbage.jpg", ACCEPT, lambda: _raw_exif_jpeg(b"Exif\x00\x00" + rng.bytes(64))),
+        CorpusFile("exif_orientation_text.jpg", ACCEPT, _exif_orientation_as_text),
+        CorpusFile("exif_dangling_offset.jpg", ACCEPT, _exif_dangling_offset),
+        # Multi-frame files and other containers.
+        CorpusFile("animated.gif", ACCEPT, lambda: _animated("GIF", duration=100, loop=0)),
+        CorpusFile("animated.png", ACCEPT, lambda: _animated("PNG", duration=100)),
+        CorpusFile("animated.webp", ACCEPT, lambda: _animated("WEBP", duration=100)),
+        CorpusFile("multi_page.tif", ACCEPT, _multi_page_tiff),
+        CorpusFile("lossy.webp", ACCEPT, lambda: _encode(_picture(), "WEBP", quality=70)),
+        CorpusFile("lossless_alpha.webp", ACCEPT, lambda: _encode(_mode("RGBA"), "WEBP", lossless=True)),
+        CorpusFile("rgb.bmp", ACCEPT, lambda: _encode(_picture(), "BMP")),
+        CorpusFile("one_bit.bmp", ACCEPT, lambda: _encode(_mode("1"), "BMP")),
+        CorpusFile("rgb.tga", ACCEPT, lambda: _encode(_picture(), "TGA")),
+        CorpusFile("rgb.ppm", ACCEPT, lambda: _encode(_picture(), "PPM")),
+        CorpusFile("icon.ico", ACCEPT, lambda: _encode(_picture(32, 32), "ICO", sizes=[(32, 32)])),
+        CorpusFile("jpeg_named.png", ACCEPT, lambda: jpeg),
+        CorpusFile("png_named.jpg", ACCEPT, lambda: png),
+        # Truncations.
+        *[
+            CorpusFile(f"jpeg_truncated_{int(f * 100)}.jpg", REJECT, lambda f=f: _truncated(jpeg, f))
+            for f in (0.1, 0.5)
+        ],
+        CorpusFile("jpeg_truncated_90.jpg", EITHER, lambda: _truncated(jpeg, 0.9)),
+        *[
+            CorpusFile(f"png_truncated_{int(f * 100)}.png", REJECT, lambda f=f: _truncated(png, f))
+            for f in (0.1, 0.5, 0.9)
+        ],
+        CorpusFile("gif_truncated.gif", EITHER, lambda: _truncated(_encode(_picture(), "GIF"), 0.5)),
+        CorpusFile("webp_truncated.webp", REJECT, lambda: _truncated(_encode(_picture(), "WEBP"), 0.5)),
+        CorpusFile("tiff_truncated.tif", EITHER, lambda: _truncated(_encode(_picture(), "TIFF"), 0.5)),
+        CorpusFile("bmp_truncated.bmp", REJECT, lambda: _truncated(_encode(_picture(), "BMP"), 0.5)),
+        # Not (supported) raster images.
+        CorpusFile("vector.svg", REJECT, _svg),
+        CorpusFile("vector_named.png", REJECT, _svg),
+        CorpusFile("postscript.eps", REJECT, lambda: _encode(_picture(), "EPS")),
+        CorpusFile("document.pdf", REJECT, lambda: _encode(_picture(), "PDF")),
+        CorpusFile("page.html", REJECT, lambda: b"<!DOCTYPE html><html><body>hi</body></html>"),
+        CorpusFile("bitmap.xbm", REJECT, lambda: _encode(_mode("1"), "XBM")),
+        CorpusFile("paintbrush.pcx", REJECT, lambda: _encode(_picture(), "PCX")),
+        CorpusFile("silicon.sgi", REJECT, lambda: _encode(_picture(), "SGI")),
+    ]
+    if features.check("jpg_2000"):
+        files.append(CorpusFile("jpeg2000.jp2", REJECT, lambda: _encode(_picture(), "JPEG2000")))
+    if features.check("avif"):
+        files.append(CorpusFile("photo.avif", ACCEPT, lambda: _encode(_picture(), "AVIF")))
+    return files
+
+
+@functools.cache
+def _image_corpus() -> tuple[CorpusFile, ...]:
+    return tuple(_corpus())
+
+
+@pytest.fixture(scope="session")
+def image_corpus() -> tuple[CorpusFile, ...]:
+    """Every corpus file (the same entries ``corpus_entry`` runs over)."""
+    return _image_corpus()
+
+
+@pytest.fixture(scope="session")
+def image_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding every corpus file under its name; ``a_directory.png`` is a directory, ``missing.png``
+    is absent."""
+    directory = tmp_path_factory.mktemp("image_corpus")
+    for entry in _image_corpus():
+        data = entry.build()
+        if data is not None:
+            (directory / entry.name).write_bytes(data)
+    (directory / "a_directory.png").mkdir()
+    return directory

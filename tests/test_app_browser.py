@@ -17,7 +17,6 @@ import pytest
 
 from app import AppConfig, launch
 from app_support.paths import REPO_ROOT
-from tests.test_app_fixtures import make_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*", "ignore:The copy keyword is deprecated.*")
 
@@ -46,13 +45,14 @@ def screenshots() -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[str]:
     patcher = pytest.MonkeyPatch()
     patcher.setenv("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("browser-app")
-    model = make_tiny_model(root / "model")
     demo, url = launch(
-        AppConfig(model=str(model), models_dir=root / "models", runs_dir=root / "runs"), host="127.0.0.1", block=False
+        AppConfig(model=str(tiny_model_dir), models_dir=root / "models", runs_dir=root / "runs"),
+        host="127.0.0.1",
+        block=False,
     )
     try:
         yield url

@@ -24,18 +24,12 @@ from app_support.model_choices import (
     UnknownModelError,
     resolve_default_model,
 )
-from app_support.selection import MAX_CANDIDATES, find_candidates, inference_size, select
-from tests.test_app_fixtures import CLASSES, draw_shapes, make_tiny_model, truncated_png
+from ddetr.pipeline import MAX_CANDIDATES, inference_size
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return draw_shapes(tmp_path_factory.mktemp("images") / "shapes.png")
+def image_path(shapes_image: Path) -> Path:
+    return shapes_image  # conftest's 320x240 test image
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +58,8 @@ class CountingLoader:
 
 
 def offline_registry(models_root: Path, **kwargs) -> ModelRegistry:
+    """No hub, and the bundled model looked for in ``models_root/ddetr-shapes`` (absent unless a test puts it there)."""
+    kwargs.setdefault("bundled_dir", models_root / "ddetr-shapes")
     return ModelRegistry(models_root, hub_reachable=lambda: False, **kwargs)
 
 
@@ -98,7 +94,7 @@ def test_registry_lists_bundled_local_and_finetuned_models_but_not_escapes(tmp_p
 
 
 def test_registry_offers_sensetime_checkpoints_only_when_reachable(tmp_path: Path):
-    reachable = ModelRegistry(tmp_path, hub_reachable=lambda: True)
+    reachable = ModelRegistry(tmp_path, hub_reachable=lambda: True, bundled_dir=tmp_path / "ddetr-shapes")
     assert [c.source for c in reachable.choices()] == list(SENSETIME_CHECKPOINTS)
     assert reachable.default().source == "SenseTime/deformable-detr"
     assert offline_registry(tmp_path).choices() == []
@@ -107,7 +103,9 @@ def test_registry_offers_sensetime_checkpoints_only_when_reachable(tmp_path: Pat
 def test_local_models_are_looked_up_without_asking_the_hub(tmp_path: Path, tiny_model_dir: Path):
     probes = []
     link_model(tiny_model_dir, tmp_path / "ddetr-shapes")
-    registry = ModelRegistry(tmp_path, hub_reachable=lambda: probes.append(1) or True)
+    registry = ModelRegistry(
+        tmp_path, hub_reachable=lambda: probes.append(1) or True, bundled_dir=tmp_path / "ddetr-shapes"
+    )
     assert registry.get("bundled").kind == "bundled"
     assert probes == []
     assert registry.get("hub:SenseTime/deformable-detr-single-scale").kind == "hub" and probes == [1]
@@ -115,10 +113,12 @@ def test_local_models_are_looked_up_without_asking_the_hub(tmp_path: Path, tiny_
 
 def test_default_model_order_and_message(tmp_path: Path, tiny_model_dir: Path):
     link_model(tiny_model_dir, tmp_path / "ddetr-shapes")
-    both = ModelRegistry(tmp_path, hub_reachable=lambda: True)
+    both = ModelRegistry(tmp_path, hub_reachable=lambda: True, bundled_dir=tmp_path / "ddetr-shapes")
     assert both.default().key == "hub:SenseTime/deformable-detr"  # the COCO model wins when available
     assert offline_registry(tmp_path).default().key == "bundled"
     assert offline_registry(tmp_path, cli_model=str(tiny_model_dir)).default().key == "cli"
+    # Installed from a wheel, the bundled model is package data: found without any models folder.
+    assert ModelRegistry(tmp_path / "empty", hub_reachable=lambda: False).default().key == "bundled"
     with pytest.raises(NoModelAvailableError, match="--model"):
         resolve_default_model([])
 
@@ -142,29 +142,29 @@ def test_detector_cache_loads_once_and_reports_failures(tmp_path: Path, tiny_mod
 
 
 @pytest.mark.parametrize(("threshold", "top_k"), [(0.0, 60), (0.3, 100), (0.5, 10), (0.9, 300), (1.0, 5)])
-def test_selection_matches_the_pipeline(detector, image_path: Path, threshold: float, top_k: int):
-    candidates = find_candidates(detector, detector.processor.load_image(image_path))
-    assert len(candidates) == min(MAX_CANDIDATES, 20 * len(CLASSES))
-    assert select(candidates, threshold, top_k) == detector(str(image_path), threshold=threshold, top_k=top_k)
+def test_selection_matches_the_pipeline(detector, image_path: Path, threshold: float, top_k: int, tiny_classes):
+    (candidates,) = detector.candidates([image_path])
+    assert len(candidates) == min(MAX_CANDIDATES, 20 * len(tiny_classes))
+    assert candidates.detections(threshold, top_k) == detector(str(image_path), threshold=threshold, top_k=top_k)
 
 
 def test_class_filter_and_limits(detector, image_path: Path):
-    candidates = find_candidates(detector, detector.processor.load_image(image_path))
-    everything = select(candidates, 0.2, 300)
-    squares = select(candidates, 0.2, 300, classes=["square"])
+    (candidates,) = detector.candidates([image_path])
+    everything = candidates.detections(0.2, 300)
+    squares = candidates.detections(0.2, 300, classes=["square"])
     assert squares == [d for d in everything if d["label"] == "square"] and squares
-    assert len(select(candidates, 0.0, 3)) == 3
-    assert select(candidates, 1.0, 300) == []
+    assert len(candidates.detections(0.0, 3)) == 3
+    assert candidates.detections(1.0, 300) == []
     with pytest.raises(ValueError, match="threshold"):
-        select(candidates, 1.5, 10)
+        candidates.detections(1.5, 10)
     with pytest.raises(ValueError, match="max detections"):
-        select(candidates, 0.5, 0)
+        candidates.detections(0.5, 0)
 
 
 def test_inference_resolution_changes_the_model_input(detector, image_path: Path):
     picture = detector.processor.load_image(image_path)  # 320x240
-    assert find_candidates(detector, picture).input_size == (800, 1066)
-    assert find_candidates(detector, picture, shortest_edge=320).input_size == (320, 426)
+    assert detector.candidates([picture])[0].input_size == (800, 1066)
+    assert detector.candidates([picture], size=320)[0].input_size == (320, 426)
     assert inference_size(480) == {"shortest_edge": 480, "longest_edge": 800}
     with pytest.raises(ValueError):
         inference_size(8)
@@ -173,17 +173,17 @@ def test_inference_resolution_changes_the_model_input(detector, image_path: Path
 # -- drawing ---------------------------------------------------------------------------------------------------- #
 
 
-def test_class_colours_are_stable_and_distinct_per_model():
-    colours = [class_color(name, CLASSES) for name in CLASSES.values()]
-    assert len(set(colours)) == len(CLASSES)
-    assert class_color("square", CLASSES) == PALETTE[1]
+def test_class_colours_are_stable_and_distinct_per_model(tiny_classes):
+    colours = [class_color(name, tiny_classes) for name in tiny_classes.values()]
+    assert len(set(colours)) == len(tiny_classes)
+    assert class_color("square", tiny_classes) == PALETTE[1]
     assert class_color("zebra") == class_color("zebra") and class_color("zebra") in PALETTE
 
 
-def test_drawn_box_has_the_class_colour():
+def test_drawn_box_has_the_class_colour(tiny_classes):
     image = PIL.Image.new("RGB", (200, 100), "white")
     box = {"xmin": 20, "ymin": 30, "xmax": 120, "ymax": 90}
-    drawn = draw_detections(image, [{"score": 0.9, "label": "square", "box": box}], id2label=CLASSES)
+    drawn = draw_detections(image, [{"score": 0.9, "label": "square", "box": box}], id2label=tiny_classes)
     expected = PIL.ImageColor.getrgb(PALETTE[1])
     assert drawn.getpixel((70, 89)) == expected  # bottom edge of the box
     assert drawn.getpixel((70, 60)) == (255, 255, 255)  # the inside stays untouched
@@ -214,7 +214,7 @@ def test_sliders_refilter_without_running_the_model(tab_and_loader, image_path: 
     assert loader.forwards == 1
     assert isinstance(annotated, PIL.Image.Image) and annotated.size == (320, 240)
     assert f"**{len(rows)} detections**" in summary
-    assert json.loads(Path(json_file).read_text()) == select(view.candidates, 0.5, 100)
+    assert json.loads(Path(json_file).read_text()) == view.candidates.detections(0.5, 100)
 
     counts = []
     for threshold in (0.1, 0.5, 0.8, 0.95):
@@ -228,7 +228,7 @@ def test_sliders_refilter_without_running_the_model(tab_and_loader, image_path: 
     assert loader.forwards == 1 and loader.loads == 1
 
 
-def test_detect_reports_bad_images_and_keeps_working(tab_and_loader, tmp_path: Path, image_path: Path):
+def test_detect_reports_bad_images_and_keeps_working(tab_and_loader, tmp_path: Path, image_path: Path, truncated_png):
     tab, _ = tab_and_loader
     with pytest.raises(gr.Error, match=r"(?i)truncated|image") as caught:
         tab.detect(str(truncated_png(tmp_path / "cut.png")), "cli", 0, 0.5, 100, [])
@@ -244,13 +244,15 @@ def test_detect_reports_bad_images_and_keeps_working(tab_and_loader, tmp_path: P
     assert empty is None and "Upload" in message
 
 
-def test_model_selection_shows_classes_and_api_matches_pipeline(tab_and_loader, image_path: Path, detector):
+def test_model_selection_shows_classes_and_api_matches_pipeline(
+    tab_and_loader, image_path: Path, detector, tiny_classes
+):
     tab, _ = tab_and_loader
     info, classes_update = tab.select_model("cli")
     assert "3 classes" in info and "circle, square, triangle" in info
-    assert classes_update["choices"] == [(name, name) for name in sorted(CLASSES.values())] or classes_update[
+    assert classes_update["choices"] == [(name, name) for name in sorted(tiny_classes.values())] or classes_update[
         "choices"
-    ] == sorted(CLASSES.values())
+    ] == sorted(tiny_classes.values())
     assert tab.api_detect(str(image_path), 0.4) == detector(str(image_path), threshold=0.4)
     with pytest.raises(gr.Error, match="no image"):
         tab.api_detect(None, 0.4)
@@ -277,4 +279,4 @@ def test_the_app_loads_detectors_at_the_fastest_precision_within_tolerance(tiny_
     from ddetr.runtime.precision import resolve_precision
 
     assert load_detector(str(tiny_model_dir)).precision == resolve_precision("auto", torch.device("cpu"))
-    assert load_detector(str(tiny_model_dir), precision="fp32").precision == "fp32"
+    assert load_detector(str(tiny_model_dir), precision="fp32").precision.name == "fp32"

@@ -13,17 +13,11 @@ import ddetr
 from app import AppConfig, launch
 from app_support.hardening import MAX_UPLOAD, QUEUE_MAX_SIZE
 from app_support.paths import REPO_ROOT
-from tests.test_app_fixtures import make_tiny_model, truncated_png
 
 # Gradio's queue analytics use a pandas option that pandas 3 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*", "ignore:The copy keyword is deprecated.*")
 
 EXAMPLE = REPO_ROOT / "examples" / "shapes" / "shapes_0.jpg"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,7 @@ def test_detect_endpoint_returns_hub_schema_detections(client: Client, tiny_mode
     assert fewer == result[:2]
 
 
-def test_bad_uploads_give_errors_and_the_server_keeps_serving(client: Client, tmp_path: Path):
+def test_bad_uploads_give_errors_and_the_server_keeps_serving(client: Client, tmp_path: Path, truncated_png):
     broken = [truncated_png(tmp_path / "cut.png"), tmp_path / "noise.jpg", tmp_path / "page.png"]
     broken[1].write_bytes(bytes(range(256)) * 40)
     broken[2].write_text("<html><body>hello</body></html>")

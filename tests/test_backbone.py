@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from ddetr.model.backbone import ResNet
-from tests.reference_models import perturb_
 
 
 @pytest.mark.parametrize(
@@ -19,7 +18,7 @@ from tests.reference_models import perturb_
         ),
     ],
 )
-def test_channels_last_features_equal_nchw_features(fields: dict) -> None:
+def test_channels_last_features_equal_nchw_features(fields: dict, perturb_) -> None:
     torch.manual_seed(0)
     fast = ResNet(**fields).eval()
     perturb_(fast, seed=1)

@@ -12,7 +12,6 @@ import torch
 
 from ddetr import CheckpointNotFoundError, DeformableDetrConfig, DeformableDetrForObjectDetection
 from ddetr.checkpoint.weights import state_for_saving
-from tests.reference_models import batch_of_two, perturb_
 
 HUB_KEYS = Path(__file__).parent / "data" / "hub-keys"
 
@@ -92,7 +91,7 @@ def legacy_hub_file(model: DeformableDetrForObjectDetection) -> dict[str, torch.
 
 
 @pytest.mark.parametrize("variant", ["deformable-detr", "deformable-detr-with-box-refine-two-stage"])
-def test_legacy_timm_hub_directory_round_trip(variant, tmp_path):
+def test_legacy_timm_hub_directory_round_trip(variant, tmp_path, batch_of_two, perturb_):
     fields = {**LEGACY_CONFIG, **HUB_VARIANTS[variant], "backbone": "resnet18", "d_model": 64}
     fields.update(num_queries=20, two_stage_num_proposals=20, encoder_layers=1, decoder_layers=2)
     config = DeformableDetrConfig.from_dict(fields)
@@ -148,7 +147,7 @@ def to_paper_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return paper
 
 
-def test_paper_repository_pth_with_args(tmp_path):
+def test_paper_repository_pth_with_args(tmp_path, batch_of_two, perturb_):
     arguments = argparse.Namespace(
         backbone="resnet18", dilation=False, position_embedding="sine", num_feature_levels=4, hidden_dim=64,
         nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=96, dec_n_points=2, enc_n_points=3, num_queries=15,
@@ -177,14 +176,7 @@ def test_arbitrary_pickles_are_refused(tmp_path):
         DeformableDetrForObjectDetection.from_pretrained(tmp_path / "evil.pth")
 
 
-def tiny_config(**fields) -> DeformableDetrConfig:
-    return DeformableDetrConfig(
-        backbone="resnet18", d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, num_queries=5, num_labels=3, **fields,
-    )  # fmt: skip
-
-
-def test_hub_repo_id_loads_from_the_cache_offline(tmp_path, monkeypatch):
+def test_hub_repo_id_loads_from_the_cache_offline(tmp_path, monkeypatch, tiny_config):
     import huggingface_hub.constants as constants
 
     model = DeformableDetrForObjectDetection(tiny_config()).eval()
@@ -202,7 +194,7 @@ def test_hub_repo_id_loads_from_the_cache_offline(tmp_path, monkeypatch):
     assert "local directory" in str(error.value)
 
 
-def test_missing_files_are_clear_errors(tmp_path):
+def test_missing_files_are_clear_errors(tmp_path, tiny_config):
     with pytest.raises(CheckpointNotFoundError, match=r"config\.json"):
         DeformableDetrForObjectDetection.from_pretrained(tmp_path)
     tiny_config().save_pretrained(tmp_path)

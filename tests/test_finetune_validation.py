@@ -15,53 +15,9 @@ from finetune.data.prepare import prepare_data
 from finetune.data.shapes import make_shapes_dataset
 from finetune.data.validation import PROBLEMS, DatasetValidationError, probe_image
 
-WIDTH, HEIGHT = 64, 48
-NAN, INF = float("nan"), float("inf")
+NAN = float("nan")
 
-
-def _annotation(identifier: int, image_id: int, bbox: list, category: int = 1, **extra: object) -> dict:
-    return {"id": identifier, "image_id": image_id, "category_id": category, "bbox": bbox, "iscrowd": 0, **extra}
-
-
-def write_bad_coco(folder: Path) -> Path:
-    """One COCO file with each defect (see the expected counts in the test below)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("ok.png", "empty.png", "mismatch.png", "dup.png"):
-        PIL.Image.new("RGB", (WIDTH, HEIGHT), (10, 200, 30)).save(folder / name)
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    images = [
-        {"id": 1, "file_name": "ok.png", "width": WIDTH, "height": HEIGHT},
-        {"id": 2, "file_name": "missing.png", "width": WIDTH, "height": HEIGHT},
-        {"id": 3, "file_name": "broken.png", "width": WIDTH, "height": HEIGHT},
-        {"id": 4, "file_name": "empty.png", "width": WIDTH, "height": HEIGHT},
-        {"id": 1, "file_name": "dup.png", "width": WIDTH, "height": HEIGHT},
-        {"id": 6, "file_name": "mismatch.png", "width": 100, "height": 100},
-    ]
-    annotations = [
-        _annotation(1, 1, [4, 4, 20, 20]),  # fine
-        _annotation(2, 1, [10, 10, 0, 5]),  # zero width
-        _annotation(3, 1, [10, 10, 5, -3], category=2),  # negative height
-        _annotation(4, 1, [50, 30, 30, 30]),  # partly outside: clipped
-        _annotation(5, 1, [100, 100, 10, 10]),  # entirely outside: dropped
-        _annotation(6, 1, [NAN, 1, 2, 3]),  # NaN
-        _annotation(7, 1, ["a", 1, 2, 3]),  # a string coordinate
-        _annotation(8, 1, [1, 1, INF, 3]),  # inf
-        _annotation(9, 1, [1, 1, 5, 5], category=99),  # unknown category
-        _annotation(1, 1, [30, 5, 10, 10]),  # repeats object id 1
-        _annotation(11, 1, [2, 2, 9, 9], iscrowd=1),  # crowd: ignored, not a problem
-        _annotation(12, 1, [40, 20, 24.3, 10]),  # 0.3 px past the border: rounding, clipped silently
-        _annotation(13, 2, [1, 1, 5, 5]),  # belongs to the missing image
-        _annotation(14, 3, [1, 1, 5, 5]),  # belongs to the undecodable image
-        _annotation(15, 6, [1, 1, 10, 10]),  # on the image whose stored size is wrong
-        _annotation(16, 999, [1, 1, 5, 5]),  # image 999 does not exist
-    ]
-    categories = [{"id": 1, "name": "thing"}, {"id": 2, "name": "other"}]
-    path = folder / "annotations.json"
-    # json writes NaN / Infinity tokens, which is what broken exporters produce.
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    return path
-
-
+# What prepare_data finds in the file of conftest's write_bad_coco.
 EXPECTED_COUNTS = {
     "non_finite": 3,
     "unknown_category": 1,
@@ -77,7 +33,7 @@ EXPECTED_COUNTS = {
 }
 
 
-def test_bad_annotation_file_yields_exactly_the_expected_counts(tmp_path: Path) -> None:
+def test_bad_annotation_file_yields_exactly_the_expected_counts(tmp_path: Path, write_bad_coco) -> None:
     data = prepare_data(str(write_bad_coco(tmp_path)), validation_fraction=0.0)
     (report,) = data.reports
     assert set(PROBLEMS) == set(EXPECTED_COUNTS)
@@ -94,13 +50,14 @@ def test_bad_annotation_file_yields_exactly_the_expected_counts(tmp_path: Path) 
     np.testing.assert_allclose(by_id[1].boxes, [[4, 4, 20, 20], [50, 30, 14, 18], [40, 20, 24, 10]])
     assert by_id[1].labels.tolist() == [0, 0, 0]
     assert len(by_id[4].labels) == 0  # the empty image stays, as a negative example
-    assert (by_id[6].width, by_id[6].height) == (WIDTH, HEIGHT)
+    with PIL.Image.open(tmp_path / "mismatch.png") as stored_wrongly:  # the file's real size wins
+        assert (by_id[6].width, by_id[6].height) == stored_wrongly.size
     text = report.format()
     for problem, count in EXPECTED_COUNTS.items():
         assert problem in text and str(count) in text
 
 
-def test_strict_mode_names_the_first_bad_record(tmp_path: Path) -> None:
+def test_strict_mode_names_the_first_bad_record(tmp_path: Path, write_bad_coco) -> None:
     with pytest.raises(DatasetValidationError) as raised:
         prepare_data(str(write_bad_coco(tmp_path)), strict=True)
     message = str(raised.value)
@@ -108,7 +65,7 @@ def test_strict_mode_names_the_first_bad_record(tmp_path: Path) -> None:
     assert "zero_or_negative_size" in message and "--strict" in message
 
 
-def test_strict_mode_reports_unknown_categories_with_the_id(tmp_path: Path) -> None:
+def test_strict_mode_reports_unknown_categories_with_the_id(tmp_path: Path, write_bad_coco) -> None:
     path = write_bad_coco(tmp_path)
     content = json.loads(path.read_text())
     content["annotations"] = [a for a in content["annotations"] if a["id"] in (1, 9)]

@@ -9,16 +9,20 @@ from ddetr import DeformableDetrForObjectDetection
 from ddetr.model.encoder import encoder_reference_points
 from ddetr.model.geometry import GeometryCache, encoder_geometry
 from ddetr.model.position_encoding import SinePositionEmbedding
-from tests.reference_models import batch_of_two
-from tests.test_model import tiny
 
 
-def model(**fields) -> DeformableDetrForObjectDetection:
-    torch.manual_seed(0)
-    return DeformableDetrForObjectDetection(tiny(**fields)).eval()
+@pytest.fixture
+def model(tiny_config):
+    """``model(**fields)``: a seeded detector of conftest's ``tiny_config(**fields)``, in eval mode."""
+
+    def build(**fields) -> DeformableDetrForObjectDetection:
+        torch.manual_seed(0)
+        return DeformableDetrForObjectDetection(tiny_config(**fields)).eval()
+
+    return build
 
 
-def test_repeated_sizes_reuse_one_entry_and_give_the_same_outputs() -> None:
+def test_repeated_sizes_reuse_one_entry_and_give_the_same_outputs(model) -> None:
     detector = model()
     cache = detector.model.geometry_cache
     images = torch.randn(2, 3, 64, 96)
@@ -37,7 +41,7 @@ def test_repeated_sizes_reuse_one_entry_and_give_the_same_outputs() -> None:
     torch.testing.assert_close(uncached.pred_boxes, first.pred_boxes, rtol=0, atol=0)
 
 
-def test_batched_images_share_the_geometry_of_one_image() -> None:
+def test_batched_images_share_the_geometry_of_one_image(model) -> None:
     detector = model()
     images = torch.randn(3, 3, 64, 80)
     with torch.inference_mode():
@@ -59,7 +63,7 @@ def test_cached_geometry_equals_the_formula_for_a_batch() -> None:
     torch.testing.assert_close(full.reference_points, expected_points)
 
 
-def test_padded_batches_are_not_cached() -> None:
+def test_padded_batches_are_not_cached(model, batch_of_two) -> None:
     detector = model()
     pixel_values, pixel_mask = batch_of_two()
     with torch.inference_mode():
@@ -67,14 +71,14 @@ def test_padded_batches_are_not_cached() -> None:
     assert len(detector.model.geometry_cache) == 0
 
 
-def test_learned_position_embeddings_are_not_cached() -> None:
+def test_learned_position_embeddings_are_not_cached(model) -> None:
     detector = model(position_embedding_type="learned")
     with torch.inference_mode():
         detector(pixel_values=torch.randn(2, 3, 64, 64))
     assert len(detector.model.geometry_cache) == 0
 
 
-def test_an_inference_mode_entry_does_not_break_training() -> None:
+def test_an_inference_mode_entry_does_not_break_training(model) -> None:
     detector = model()
     images = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():

@@ -7,18 +7,7 @@ import math
 import pytest
 import torch
 
-from ddetr import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrModel
-from tests.reference_models import batch_of_two, perturb_
-
-
-def tiny(**fields) -> DeformableDetrConfig:
-    base = dict(
-        backbone="resnet18", d_model=64, encoder_layers=1, decoder_layers=3, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
-        two_stage_num_proposals=10, num_labels=3, auxiliary_loss=True,
-    )  # fmt: skip
-    return DeformableDetrConfig(**{**base, **fields})
-
+from ddetr import DeformableDetrForObjectDetection, DeformableDetrModel
 
 PRIOR_BIAS = -math.log(0.99 / 0.01)
 LABELS = [
@@ -27,8 +16,8 @@ LABELS = [
 ]
 
 
-def test_paper_initialisation_and_shared_heads():
-    model = DeformableDetrForObjectDetection(tiny())
+def test_paper_initialisation_and_shared_heads(tiny_config):
+    model = DeformableDetrForObjectDetection(tiny_config())
     assert all(head is model.class_embed[0] for head in model.class_embed)
     assert all(head is model.bbox_embed[0] for head in model.bbox_embed)
     assert model.model.decoder.bbox_embed is None
@@ -46,19 +35,19 @@ def test_paper_initialisation_and_shared_heads():
     assert torch.count_nonzero(model.model.input_proj[0][0].bias) == 0
 
 
-def test_refinement_heads_are_independent_and_owned_by_the_decoder():
-    model = DeformableDetrForObjectDetection(tiny(with_box_refine=True))
+def test_refinement_heads_are_independent_and_owned_by_the_decoder(tiny_config):
+    model = DeformableDetrForObjectDetection(tiny_config(with_box_refine=True))
     assert model.bbox_embed is model.model.decoder.bbox_embed
     assert model.class_embed[0] is not model.class_embed[1]
     assert model.bbox_embed[0].layers[-1].bias.tolist() == [0.0, 0.0, -2.0, -2.0]
     assert model.bbox_embed[1].layers[-1].bias.tolist() == [0.0, 0.0, 0.0, 0.0]
-    two_stage = DeformableDetrForObjectDetection(tiny(with_box_refine=True, two_stage=True))
+    two_stage = DeformableDetrForObjectDetection(tiny_config(with_box_refine=True, two_stage=True))
     assert two_stage.class_embed is two_stage.model.decoder.class_embed and len(two_stage.class_embed) == 4
     assert all(head.layers[-1].bias.abs().sum() == 0 for head in two_stage.bbox_embed)
 
 
-def test_stem_and_layer1_are_frozen_and_batchnorm_has_no_parameters():
-    resnet = DeformableDetrForObjectDetection(tiny()).model.backbone.conv_encoder.model
+def test_stem_and_layer1_are_frozen_and_batchnorm_has_no_parameters(tiny_config):
+    resnet = DeformableDetrForObjectDetection(tiny_config()).model.backbone.conv_encoder.model
     assert not resnet.conv1.weight.requires_grad
     assert not any(p.requires_grad for p in resnet.layer1.parameters())
     assert all(p.requires_grad for p in resnet.layer2.parameters())
@@ -66,9 +55,9 @@ def test_stem_and_layer1_are_frozen_and_batchnorm_has_no_parameters():
 
 
 @pytest.mark.parametrize("fields", [{}, {"with_box_refine": True}, {"with_box_refine": True, "two_stage": True}])
-def test_training_step_gives_finite_gradients(fields):
+def test_training_step_gives_finite_gradients(fields, tiny_config, batch_of_two):
     torch.manual_seed(0)
-    model = DeformableDetrForObjectDetection(tiny(**fields)).train()
+    model = DeformableDetrForObjectDetection(tiny_config(**fields)).train()
     pixel_values, pixel_mask = batch_of_two()
     outputs = model(pixel_values, pixel_mask, labels=LABELS)
     assert outputs.loss.isfinite() and outputs.loss.dim() == 0
@@ -84,8 +73,8 @@ def test_training_step_gives_finite_gradients(fields):
         assert model.class_embed[-1].weight.grad.abs().sum() > 0
 
 
-def test_base_model_runs_two_stage_on_its_own():
-    model = DeformableDetrModel(tiny(with_box_refine=True, two_stage=True)).eval()
+def test_base_model_runs_two_stage_on_its_own(tiny_config, batch_of_two):
+    model = DeformableDetrModel(tiny_config(with_box_refine=True, two_stage=True)).eval()
     pixel_values, pixel_mask = batch_of_two()
     with torch.no_grad():
         outputs = model(pixel_values, pixel_mask, output_hidden_states=True)
@@ -97,10 +86,10 @@ def test_base_model_runs_two_stage_on_its_own():
     assert outputs["last_hidden_state"] is outputs.last_hidden_state and "enc_outputs_class" in outputs
 
 
-def test_padding_does_not_change_a_single_image_much():
+def test_padding_does_not_change_a_single_image_much(tiny_config, batch_of_two, perturb_):
     """The mask, valid ratios and sine embedding make padded and unpadded inputs agree away from borders."""
     torch.manual_seed(0)
-    model = perturb_(DeformableDetrForObjectDetection(tiny())).eval()
+    model = perturb_(DeformableDetrForObjectDetection(tiny_config())).eval()
     pixel_values, pixel_mask = batch_of_two(sizes=((128, 128), (64, 64)))
     with torch.no_grad():
         padded = model(pixel_values, pixel_mask)
@@ -111,8 +100,8 @@ def test_padding_does_not_change_a_single_image_much():
     assert padded_error < 0.8 * unmasked_error  # ignoring the mask would make them equal
 
 
-def test_bad_inputs_raise_value_errors():
-    model = DeformableDetrForObjectDetection(tiny()).eval()
+def test_bad_inputs_raise_value_errors(tiny_config):
+    model = DeformableDetrForObjectDetection(tiny_config()).eval()
     with pytest.raises(ValueError, match="pixel_values"):
         model(torch.zeros(3, 64, 64))
     with pytest.raises(ValueError, match="pixel_mask"):
@@ -125,9 +114,9 @@ def test_bad_inputs_raise_value_errors():
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager(tiny_config, batch_of_two, perturb_):
     torch.manual_seed(0)
-    model = perturb_(DeformableDetrForObjectDetection(tiny(decoder_layers=2, num_queries=8))).eval()
+    model = perturb_(DeformableDetrForObjectDetection(tiny_config(decoder_layers=2, num_queries=8))).eval()
     pixel_values, pixel_mask = batch_of_two(sizes=((64, 96), (48, 80)))
     with torch.no_grad():
         eager = model(pixel_values, pixel_mask)
@@ -136,9 +125,9 @@ def test_torch_compile_matches_eager():
     assert torch.allclose(compiled.pred_boxes, eager.pred_boxes, atol=1e-4)
 
 
-def test_bf16_autocast_stays_close_to_float32():
+def test_bf16_autocast_stays_close_to_float32(tiny_config, batch_of_two, perturb_):
     torch.manual_seed(0)
-    model = perturb_(DeformableDetrForObjectDetection(tiny())).eval()
+    model = perturb_(DeformableDetrForObjectDetection(tiny_config())).eval()
     pixel_values, pixel_mask = batch_of_two()
     with torch.no_grad():
         full = model(pixel_values, pixel_mask)

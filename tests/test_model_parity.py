@@ -1,4 +1,8 @@
-"""Our model against transformers 5.23 (the reference oracle) on the same weights, in every checkpoint format."""
+"""Our model against transformers 5.23 (the reference oracle) on the same weights, in every checkpoint format.
+
+The oracle models come from conftest.py; a test taking ``transformers_variant`` runs once per model variant
+(multi-scale, single-scale, box-refine, two-stage).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import pytest
 import torch
 
 from ddetr import CheckpointError, DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrModel
-from tests.reference_models import VARIANTS, batch_of_two, perturb_, tiny_transformers_config, transformers_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,9 +51,8 @@ def transformers_file_names(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     return renamed
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_loads_transformers_safetensors_and_matches(variant, tmp_path):
-    reference = transformers_model(variant)
+def test_loads_transformers_safetensors_and_matches(transformers_variant, tmp_path, transformers_model, batch_of_two):
+    reference = transformers_model(transformers_variant)
     reference.save_pretrained(tmp_path)
     ours = DeformableDetrForObjectDetection.from_pretrained(tmp_path)
     assert not ours.training
@@ -58,10 +60,9 @@ def test_loads_transformers_safetensors_and_matches(variant, tmp_path):
     assert_same_detections(reference, ours, pixel_values, pixel_mask)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_loads_legacy_bin_with_every_tied_copy(variant, tmp_path):
+def test_loads_legacy_bin_with_every_tied_copy(transformers_variant, tmp_path, transformers_model, batch_of_two):
     """A 4.x-era hub directory: pytorch_model.bin holding every head copy, distinct per-layer heads with refine."""
-    reference = transformers_model(variant)
+    reference = transformers_model(transformers_variant)
     state = transformers_file_names(reference.state_dict())
     config = reference.config
     layers = config.decoder_layers + (1 if config.two_stage else 0)
@@ -93,9 +94,10 @@ def test_loads_legacy_bin_with_every_tied_copy(variant, tmp_path):
         assert not torch.equal(ours.class_embed[0].weight, ours.class_embed[1].weight)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_save_pretrained_loads_in_transformers(variant, tmp_path):
-    reference = transformers_model(variant)
+def test_save_pretrained_loads_in_transformers(
+    transformers_variant, tmp_path, transformers_model, batch_of_two, perturb_
+):
+    reference = transformers_model(transformers_variant)
     reference.save_pretrained(tmp_path / "reference")
     ours = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "reference")
     perturb_(ours, seed=3)  # new values, so equality below proves they were written and read back
@@ -113,7 +115,7 @@ def test_save_pretrained_loads_in_transformers(variant, tmp_path):
     assert_same_detections(ours, again, pixel_values, pixel_mask)
 
 
-def test_bottleneck_backbone_and_base_model(tmp_path):
+def test_bottleneck_backbone_and_base_model(tmp_path, transformers_model, batch_of_two):
     reference = transformers_model("multi-scale", layer_type="bottleneck")
     reference.save_pretrained(tmp_path)
     pixel_values, pixel_mask = batch_of_two(seed=4)
@@ -138,7 +140,7 @@ def dilate_last_stage_(reference) -> None:
             block.layer[1].convolution.padding = (2, 2)
 
 
-def test_single_scale_dc5_matches_dilated_reference(tmp_path):
+def test_single_scale_dc5_matches_dilated_reference(tmp_path, tiny_transformers_config, perturb_, batch_of_two):
     config = tiny_transformers_config("single-scale", layer_type="bottleneck")
     config.backbone_config.depths = [1, 1, 1, 3]  # two blocks after the first use dilation 2
     reference = perturb_(transformers.DeformableDetrForObjectDetection(config), seed=5).eval()
@@ -153,7 +155,7 @@ def test_single_scale_dc5_matches_dilated_reference(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["multi-scale", "two-stage"])
-def test_loss_matches_transformers(variant, tmp_path):
+def test_loss_matches_transformers(variant, tmp_path, transformers_model, batch_of_two):
     reference = transformers_model(variant)
     reference.save_pretrained(tmp_path)
     ours = DeformableDetrForObjectDetection.from_pretrained(tmp_path)
@@ -174,7 +176,7 @@ def test_loss_matches_transformers(variant, tmp_path):
         assert torch.allclose(actual.loss, expected.loss, rtol=1e-4)
 
 
-def test_relabel_reinitialises_class_heads(tmp_path):
+def test_relabel_reinitialises_class_heads(tmp_path, transformers_model):
     reference = transformers_model("box-refine")
     reference.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="class heads re-initialised"):
@@ -186,7 +188,7 @@ def test_relabel_reinitialises_class_heads(tmp_path):
     assert torch.equal(ours.bbox_embed[1].layers[0].weight, reference_boxes)
 
 
-def test_partial_checkpoint_is_an_error_unless_asked(tmp_path):
+def test_partial_checkpoint_is_an_error_unless_asked(tmp_path, transformers_model):
     reference = transformers_model("multi-scale")
     reference.save_pretrained(tmp_path)
     from safetensors.torch import load_file, save_file
@@ -202,7 +204,7 @@ def test_partial_checkpoint_is_an_error_unless_asked(tmp_path):
     assert torch.equal(model.model.input_proj[0][0].weight, reference.model.input_proj[0][0].weight)
 
 
-def test_shape_mismatch_and_corrupt_files_raise_clear_errors(tmp_path):
+def test_shape_mismatch_and_corrupt_files_raise_clear_errors(tmp_path, transformers_model):
     reference = transformers_model("multi-scale")
     reference.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="shapes differ"):
@@ -212,7 +214,7 @@ def test_shape_mismatch_and_corrupt_files_raise_clear_errors(tmp_path):
         DeformableDetrForObjectDetection.from_pretrained(tmp_path)
 
 
-def test_our_config_json_loads_in_transformers(tmp_path):
+def test_our_config_json_loads_in_transformers(tmp_path, tiny_transformers_config):
     config = DeformableDetrConfig.from_dict(tiny_transformers_config("two-stage").to_dict())
     config.save_pretrained(tmp_path)
     loaded = transformers.DeformableDetrConfig.from_pretrained(tmp_path)

@@ -14,11 +14,12 @@ from PIL import Image
 import ddetr
 from ddetr import DeformableDetrConfig, DeformableDetrForObjectDetection, ImageInputError
 from ddetr.runtime.precision import native_bf16
-from tests.reference_models import perturb_
+
+ACCEPT, REJECT, EITHER = "accept", "reject", "either"  # the expectations of conftest's corpus files
 
 
 @pytest.fixture(scope="module")
-def detector_dir(tmp_path_factory):
+def detector_dir(tmp_path_factory, perturb_):
     config = DeformableDetrConfig(
         backbone="resnet18", d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=20,
@@ -87,20 +88,11 @@ def test_bad_inputs_raise_the_project_error(detector_dir):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from tests.test_image_corpus import CORPUS
-
-    directory = tmp_path_factory.mktemp("pipeline_corpus")
-    for entry in CORPUS:
-        data = entry.build()
-        if data is not None:
-            (directory / entry.name).write_bytes(data)
-    return directory, CORPUS
+def corpus(image_corpus_dir, image_corpus):
+    return image_corpus_dir, image_corpus  # conftest's malformed-image corpus
 
 
 def detect_or_refuse(detector, path, expectation: str) -> str:
-    from tests.test_image_corpus import ACCEPT, REJECT
-
     try:
         detections = detector(path)
     except ImageInputError as error:
@@ -114,8 +106,6 @@ def detect_or_refuse(detector, path, expectation: str) -> str:
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
 def test_every_corpus_file_is_detected_on_or_refused(detector_dir, corpus):
-    from tests.test_image_corpus import ACCEPT, EITHER, REJECT
-
     directory, entries = corpus
     detector = ddetr.pipeline(model=detector_dir, threshold=0.0, top_k=5)
     detector(photo())  # one-off warm-up costs are not what the limit is about
