@@ -28,7 +28,7 @@ from app_support.drawing import draw_detections
 from app_support.errors import user_errors
 from app_support.model_choices import ModelRegistry
 from app_support.paths import AppPaths
-from app_support.training import JobSnapshot, TrainingJobs, TrainSettings, base_model_choices, preview_dataset
+from app_support.training import APP_TRAINING_DEFAULTS, JobSnapshot, TrainingJobs, base_model_choices
 
 POLL_SECONDS = 2.0
 IMAGE_SIZES: tuple[tuple[str, int], ...] = (
@@ -147,7 +147,7 @@ class FinetuneTab:
     def check_dataset(self, *form_values: Any) -> tuple[str, list[tuple[Any, str]]]:
         """Validate the chosen dataset and show its report and a few images with their boxes."""
         choice = self._dataset(DatasetForm(*form_values))
-        preview = preview_dataset(choice.source, choice.label)
+        preview = self.jobs.check_dataset(choice.source, choice.label)
         sizes = ", ".join(f"{name} {count}" for name, count in preview.split_sizes.items())
         header = f"{choice.label}: {len(preview.class_names)} classes ({', '.join(preview.class_names)}); {sizes}"
         gallery = [(draw_detections(image, truth), f"{len(truth)} objects") for image, truth in preview.samples]
@@ -175,15 +175,16 @@ class FinetuneTab:
         """Start a training job (one per server); returns the run's name."""
         form = DatasetForm(kind, shapes_train, shapes_validation, shapes_size, hub_id, folder, upload)
         choice = self._dataset(form)
-        settings = TrainSettings(
-            epochs=int(epochs),
-            max_steps=int(max_steps) if max_steps else None,
-            batch_size=int(batch_size),
-            lr=float(lr),
-            image_size=int(image_size) if image_size else None,
-            eval_every=int(eval_every),
-            save_every=int(save_every),
-        )
+        # TrainConfig settings; 0 in the "max steps" and "image size" fields means "not set".
+        settings = {
+            "epochs": int(epochs),
+            "max_steps": int(max_steps) if max_steps else None,
+            "batch_size": int(batch_size),
+            "lr": float(lr),
+            "image_size": int(image_size) if image_size else None,
+            "eval_every": int(eval_every),
+            "save_every": int(save_every),
+        }
         name = self.jobs.start(
             dataset_source=choice.source,
             description=choice.label,
@@ -313,18 +314,31 @@ class FinetuneTab:
                 base_choices = base_model_choices(self.registry.dropdown_choices())
                 default_base = "bundled" if any(key == "bundled" for _, key in base_choices) else "preset:small"
                 base_model = gr.Dropdown(base_choices, value=default_base, label="Base model", elem_id="base-model")
+                initial = APP_TRAINING_DEFAULTS  # the form starts at the app's training defaults
                 with gr.Row():
-                    epochs = gr.Number(20, label="Epochs", precision=0, minimum=1, maximum=500, elem_id="epochs")
-                    max_steps = gr.Number(
-                        0, label="Max steps (0: by epochs)", precision=0, minimum=0, elem_id="max-steps"
+                    epochs = gr.Number(
+                        initial.epochs, label="Epochs", precision=0, minimum=1, maximum=500, elem_id="epochs"
                     )
-                    batch_size = gr.Slider(1, 16, value=4, step=1, label="Batch size")
+                    max_steps = gr.Number(
+                        initial.max_steps or 0,
+                        label="Max steps (0: by epochs)",
+                        precision=0,
+                        minimum=0,
+                        elem_id="max-steps",
+                    )
+                    batch_size = gr.Slider(1, 16, value=initial.batch_size, step=1, label="Batch size")
                 with gr.Row():
-                    lr = gr.Number(2e-4, label="Learning rate", minimum=1e-7, maximum=1e-2)
-                    image_size = gr.Dropdown(list(IMAGE_SIZES), value=0, label="Image size (shortest edge)")
+                    lr = gr.Number(initial.lr, label="Learning rate", minimum=1e-7, maximum=1e-2)
+                    image_size = gr.Dropdown(
+                        list(IMAGE_SIZES), value=initial.image_size or 0, label="Image size (shortest edge)"
+                    )
                 with gr.Row():
-                    eval_every = gr.Number(1, label="Evaluate every (epochs)", precision=0, minimum=0, maximum=100)
-                    save_every = gr.Number(50, label="Checkpoint every (steps)", precision=0, minimum=1, maximum=100000)
+                    eval_every = gr.Number(
+                        initial.eval_every, label="Evaluate every (epochs)", precision=0, minimum=0, maximum=100
+                    )
+                    save_every = gr.Number(
+                        initial.save_every, label="Checkpoint every (steps)", precision=0, minimum=1, maximum=100000
+                    )
                 with gr.Row():
                     start = gr.Button("Start", variant="primary", elem_id="finetune-start")
                     stop = gr.Button("Stop", variant="stop", elem_id="finetune-stop")

@@ -5,7 +5,12 @@ visitor sees the same progress; only one runs at a time, and Stop/Resume act on 
 app's runs folder with server-chosen names; requests name runs only by picking from ``resumable_runs()``.
 
 Before a job starts, the dataset is opened and validated here, synchronously, so a broken dataset is a message on
-the form rather than a failed background job, and a few validation images are kept to show predictions on.
+the form rather than a failed background job, and a few validation images are kept to show predictions on. The
+validated data is handed to the run, which does not validate it again; the data validated by "Check dataset" is
+kept for the next Start on the same dataset, so Check then Start validates once.
+
+The app trains with ``TrainConfig``'s defaults except for ``APP_OVERRIDES``; the form's initial values come from
+``APP_TRAINING_DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import PIL.Image
 from safetensors.torch import load_model
@@ -24,13 +30,14 @@ from safetensors.torch import load_model
 import ddetr
 from app_support.errors import UserFacingError
 from ddetr.boxes import box_xywh_to_xyxy
-from finetune.api import TrainingRun, read_run, resume_config, start_run
+from finetune.api import TrainingRun, prepare_dataset, read_run, resume_config, start_run
 from finetune.config import TrainConfig
-from finetune.data.prepare import PreparedData, prepare_data
+from finetune.data.prepare import PreparedData
 from finetune.data.validation import format_reports
 from finetune.presets import PRESETS
 from finetune.run.checkpoints import MODEL_FILE, latest_checkpoint
 from finetune.run.files import CHECKPOINTS, MODEL_CONFIG, MODEL_DIR, TRAIN_CONFIG
+from finetune.run.setup import data_settings
 
 PREVIEW_IMAGES = 4
 PREDICTION_THRESHOLD = 0.3
@@ -41,37 +48,34 @@ class JobBusyError(UserFacingError):
     """A training job is already running; the server trains one at a time."""
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """The hyperparameters the form exposes; everything else keeps ``TrainConfig``'s paper defaults."""
+# Where the app trains differently from ``python -m finetune`` (everything else is ``TrainConfig``'s default): a
+# demo that finishes in minutes, logs every step for the live plots, checkpoints often enough to resume or to show
+# predictions, draws no progress bar, and forks no loader workers from the web server.
+APP_OVERRIDES: dict[str, Any] = {
+    "epochs": 20,
+    "batch_size": 4,
+    "save_every": 50,
+    "log_every": 1,
+    "progress": False,
+    "num_workers": 0,
+}
+# The app's settings before the form's: the form's initial values. dataset, model and output_dir are placeholders,
+# always replaced by the form's choice and the server's runs folder.
+APP_TRAINING_DEFAULTS = TrainConfig(dataset="shapes", **APP_OVERRIDES)
 
-    epochs: int = 20
-    max_steps: int | None = None
-    batch_size: int = 4
-    lr: float = 2e-4
-    image_size: int | None = None
-    eval_every: int = 1
-    save_every: int = 50
-    seed: int = 42
 
-    def config(self, *, dataset: str, model: str, output_dir: Path) -> TrainConfig:
-        return TrainConfig(
-            dataset=dataset,
-            model=model,
-            output_dir=str(output_dir),
-            epochs=int(self.epochs),
-            max_steps=int(self.max_steps) if self.max_steps else None,
-            batch_size=int(self.batch_size),
-            lr=float(self.lr),
-            lr_backbone=float(self.lr) / 10,
-            image_size=int(self.image_size) if self.image_size else None,
-            eval_every=int(self.eval_every),
-            save_every=int(self.save_every),
-            log_every=1,
-            seed=int(self.seed),
-            progress=False,
-            num_workers=0,
-        )
+def training_config(*, dataset: str, model: str, output_dir: Path, **settings: Any) -> TrainConfig:
+    """The app's run: ``APP_TRAINING_DEFAULTS`` with the chosen dataset, model, run folder and the form's settings
+    (``TrainConfig`` field names; ValueError naming a bad or unknown one)."""
+    return APP_TRAINING_DEFAULTS.with_overrides(dataset=dataset, model=model, output_dir=str(output_dir), **settings)
+
+
+def prepare_for_app(source: str, description: str) -> PreparedData:
+    """Open and validate ``source`` as the app's runs will train on it; ValueError if nothing is left to train on."""
+    prepared = prepare_dataset(APP_TRAINING_DEFAULTS.with_overrides(dataset=source))
+    if "train" not in prepared.splits or len(prepared.splits["train"]) == 0:
+        raise ValueError(f"{description} has no usable training images:\n{format_reports(prepared.reports)}")
+    return prepared
 
 
 @dataclass
@@ -105,11 +109,8 @@ def _load_samples(prepared: PreparedData, split: str, count: int) -> list[tuple[
     return samples
 
 
-def preview_dataset(source: str, description: str, *, seed: int = 42) -> DataPreview:
-    """Open and validate ``source`` as training would, and keep a few training images for the preview."""
-    prepared = prepare_data(source, seed=seed)
-    if "train" not in prepared.splits or len(prepared.splits["train"]) == 0:
-        raise ValueError(f"{description} has no usable training images:\n{format_reports(prepared.reports)}")
+def preview_dataset(prepared: PreparedData, description: str) -> DataPreview:
+    """What ``prepared`` holds, with a few training images for the preview (no validation here)."""
     return DataPreview(
         description=description,
         class_names=list(prepared.class_names),
@@ -150,6 +151,8 @@ class TrainingJobs:
         self._predict_lock = threading.Lock()  # polls from several pages must not evaluate the same checkpoint twice
         self._run: TrainingRun | None = None
         self._run_name: str | None = None
+        # The data the last "Check dataset" validated, for the next Start on the same dataset.
+        self._checked: PreparedData | None = None
         self._validation_images: list[PIL.Image.Image] = []
         self._predictions: tuple[tuple[str | None, int], list[tuple[PIL.Image.Image, list[dict]]]] = ((None, -1), [])
 
@@ -161,17 +164,32 @@ class TrainingJobs:
                 f"a training job ({self._run_name}) is already running; stop it or wait for it to finish"
             )
 
-    def start(self, *, dataset_source: str, description: str, base_model: str, settings: TrainSettings) -> str:
-        """Validate the dataset, then start training in the background; returns the new run's name."""
+    def check_dataset(self, dataset_source: str, description: str) -> DataPreview:
+        """Validate the dataset as a Start would, show it, and keep it for the next Start on the same dataset."""
+        prepared = prepare_for_app(dataset_source, description)
+        with self._lock:
+            self._checked = prepared
+        return preview_dataset(prepared, description)
+
+    def _take_checked(self, config: TrainConfig) -> PreparedData | None:
+        """The checked data if it is what ``config`` trains on (used once: a later Start validates afresh)."""
+        checked, self._checked = self._checked, None
+        if checked is not None and checked.settings == data_settings(config):
+            return checked
+        return None
+
+    def start(self, *, dataset_source: str, description: str, base_model: str, settings: Mapping[str, Any]) -> str:
+        """Validate the dataset (unless "Check dataset" just did), then start training in the background on it;
+        returns the new run's name. ``settings``: the form's ``TrainConfig`` settings."""
         with self._lock:
             self._check_idle()
-            prepared = prepare_data(dataset_source, seed=settings.seed)
-            if "train" not in prepared.splits or len(prepared.splits["train"]) == 0:
-                raise ValueError(f"{description} has no usable training images:\n{format_reports(prepared.reports)}")
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            config = settings.config(dataset=dataset_source, model=base_model, output_dir=self.runs_root / name)
+            config = training_config(
+                dataset=dataset_source, model=base_model, output_dir=self.runs_root / name, **settings
+            )
+            prepared = self._take_checked(config) or prepare_for_app(dataset_source, description)
             self._validation_images = [image for image, _ in _load_samples(prepared, "validation", PREVIEW_IMAGES)]
-            self._run, self._run_name = start_run(config), name
+            self._run, self._run_name = start_run(config, data=prepared), name
             return name
 
     def stop(self) -> bool:
@@ -189,9 +207,9 @@ class TrainingJobs:
                 raise ValueError(f"run {run_name!r} cannot be resumed (unknown, finished, or without a checkpoint)")
             directory = self.runs_root / run_name
             config = resume_config(directory)
-            prepared = prepare_data(config.dataset, seed=config.seed, validation_fraction=config.validation_fraction)
+            prepared = prepare_dataset(config)
             self._validation_images = [image for image, _ in _load_samples(prepared, "validation", PREVIEW_IMAGES)]
-            self._run, self._run_name = start_run(config), run_name
+            self._run, self._run_name = start_run(config, data=prepared), run_name
             return run_name
 
     def wait(self, timeout: float | None = None) -> None:
@@ -257,7 +275,11 @@ class TrainingJobs:
                 images = self._validation_images
                 self._predictions = (
                     key,
-                    [(image, detector(image, threshold=PREDICTION_THRESHOLD)) for image in images],
+                    # One image in, one list of detections out.
+                    [
+                        (image, cast(list[dict[str, Any]], detector(image, threshold=PREDICTION_THRESHOLD)))
+                        for image in images
+                    ],
                 )
             return self._predictions[1]
 

@@ -2,9 +2,10 @@
 torchrun support. The command line is ``python -m finetune`` (evaluation: ``python -m finetune.evaluate``); apps
 drive :mod:`finetune.api`."""
 
-from finetune.api import TrainingRun, read_run, resume_config, resume_run, start_run
+from finetune.api import TrainingRun, prepare_dataset, read_run, resume_config, resume_run, start_run
 from finetune.config import TrainConfig
 from finetune.data.shapes import SHAPE_CLASSES, make_shapes_dataset
+from finetune.run.launch import run_training
 from finetune.run.trainer import RunResult, Trainer
 
 __all__ = [
@@ -14,8 +15,10 @@ __all__ = [
     "Trainer",
     "TrainingRun",
     "make_shapes_dataset",
+    "prepare_dataset",
     "read_run",
     "resume_config",
     "resume_run",
+    "run_training",
     "start_run",
 ]

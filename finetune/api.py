@@ -1,10 +1,14 @@
 """Python API for applications: start a run in the background, stream its metrics, stop it, resume it.
 
-    run = start_run(TrainConfig(dataset="shapes", model="small", output_dir="runs/a", progress=False))
+    config = TrainConfig(dataset="shapes", model="small", output_dir="runs/a", progress=False)
+    run = start_run(config)
     for record in run.stream():          # metrics records as they are written; ends when the run does
         show(record)
     run.stop()                            # takes effect before the next step; saves a resumable checkpoint
     run = resume_run("runs/a")            # continues from the latest complete checkpoint
+
+    data = prepare_dataset(config)        # validate (e.g. to show the report first), then train on it as it is:
+    run = start_run(config, data=data)    # the run does not validate it again
 
 The run executes in a thread of this process (torch releases the interpreter lock in its kernels, so a web UI
 stays responsive). Nothing here imports a UI library.
@@ -20,19 +24,23 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import RESUMABLE_OVERRIDES, TrainConfig
+from finetune.data.prepare import PreparedData, prepare_data
 from finetune.run.files import METRICS, TRAIN_CONFIG, read_status
+from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
-from finetune.run.trainer import RunResult, Trainer
+from finetune.run.trainer import RunResult
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingRun:
     """One training run on a background thread. ``state``: pending, running, then finished, stopped, diverged or
-    failed (with ``error`` set)."""
+    failed (with ``error`` set). ``data``: the dataset already prepared for ``config`` (see ``prepare_dataset``),
+    trained on without validating it again; None: the run prepares it."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, *, data: PreparedData | None = None) -> None:
         self.config = config
+        self._data = data
         self._stop = threading.Event()
         self._records: list[dict[str, Any]] = []
         self._changed = threading.Condition()
@@ -62,9 +70,9 @@ class TrainingRun:
         return self
 
     def _execute(self) -> None:
-        trainer = Trainer(self.config, stop_event=self._stop, on_record=self._receive)
+        data, self._data = self._data, None  # the run holds it while it trains, this handle not after
         try:
-            self.result = trainer.run()
+            self.result = run_training(self.config, stop_event=self._stop, on_record=self._receive, data=data)
             state = self.result.state
         except BaseException as error:  # reported through .error / .state; the thread must not die silently
             logger.exception("training run %s failed", self.output_dir)
@@ -115,9 +123,20 @@ class TrainingRun:
                 return
 
 
-def start_run(config: TrainConfig) -> TrainingRun:
-    """Start ``config`` in the background and return its handle."""
-    return TrainingRun(config).start()
+def prepare_dataset(config: TrainConfig) -> PreparedData:
+    """Open and validate ``config.dataset`` as a run of ``config`` would (its ``strict``, ``seed`` and
+    ``validation_fraction``): the splits, class names and validation reports, to show and then to hand to
+    ``start_run(config, data=...)``."""
+    return prepare_data(
+        config.dataset, strict=config.strict, seed=config.seed, validation_fraction=config.validation_fraction
+    )
+
+
+def start_run(config: TrainConfig, data: PreparedData | None = None) -> TrainingRun:
+    """Start ``config`` in the background and return its handle. ``data``: the dataset already prepared for this
+    config (``prepare_dataset``), so that the run does not validate it again; data prepared from another source or
+    with other settings makes the run fail with ValueError before it writes anything."""
+    return TrainingRun(config, data=data).start()
 
 
 def resume_config(output_dir: str | Path, **overrides: Any) -> TrainConfig:

@@ -15,7 +15,7 @@ from finetune.api import resume_config
 from finetune.config import SCHEDULES, TrainConfig
 from finetune.data.augment import AUGMENT_MODES
 from finetune.presets import PRESETS
-from finetune.run.trainer import Trainer
+from finetune.run.launch import run_training
 
 EXIT_DIVERGED = 3
 EXIT_BAD_INPUT = 2
@@ -34,7 +34,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig(dataset="-")
+    # The declared defaults (lr_backbone's None: derived from --lr, which its help says).
+    field_defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     presets = ", ".join(f"{name} ({preset.description})" for name, preset in PRESETS.items())
     parser = argparse.ArgumentParser(
         prog="python -m finetune",
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def add(group: Any, flag: str, field: str, help: str, **kwargs: Any) -> None:
-        default = getattr(defaults, field)
+        default = field_defaults[field]
         shown = default is not None and not isinstance(default, bool) and field not in ("dataset", "output_dir")
         suffix = f" (default: {default})" if shown else ""
         group.add_argument(flag, dest=field, help=help + suffix, **kwargs)
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("optimisation (paper recipe by default)")
     add(group, "--lr", "lr", "learning rate", type=float)
-    add(group, "--lr-backbone", "lr_backbone", "backbone learning rate", type=float)
+    add(group, "--lr-backbone", "lr_backbone", "backbone learning rate (default: --lr / 10)", type=float)
     add(group, "--weight-decay", "weight_decay", "AdamW weight decay", type=float)
     add(group, "--clip-grad-norm", "clip_grad_norm", "gradient norm clip (0: off)", type=float)
     add(group, "--lr-schedule", "lr_schedule", "LR schedule", choices=SCHEDULES)
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = config_from_arguments(arguments)
-        result = Trainer(config).run()
+        result = run_training(config)
     except (ValueError, FileNotFoundError) as error:
         # Bad settings, data or model sources: a message, not a traceback (a missing checkpoint is FileNotFound).
         print(f"error: {error}", file=sys.stderr)

@@ -13,6 +13,8 @@ from ddetr.runtime.precision import PRECISIONS
 from finetune.data.augment import AUGMENT_MODES
 
 SCHEDULES = ("step", "cosine")
+# The paper's backbone learning rate is a tenth of the rest's (2e-5 for 2e-4).
+BACKBONE_LR_DIVISOR = 10
 # Settings a resumed run may change: they affect speed or reporting, never the numbers it computes.
 RESUMABLE_OVERRIDES = frozenset({"device", "num_workers", "threads", "progress", "output_dir", "resume"})
 
@@ -21,6 +23,10 @@ RESUMABLE_OVERRIDES = frozenset({"device", "num_workers", "threads", "progress",
 class TrainConfig:
     """A training run. Defaults follow the paper's recipe (AdamW 2e-4, backbone 2e-5, weight decay 1e-4, gradient
     clipping 0.1, LR x0.1 after 80% of training, auxiliary losses); sizes fit a CPU unless a preset says more.
+
+    ``lr_backbone`` None means ``lr / 10`` (the paper's ratio): it is filled in on construction, and
+    ``with_overrides(lr=...)`` derives it again from the new ``lr`` unless it was given explicitly. Saved settings
+    hold the number, so a saved run resumes with exactly the rate it trained with.
 
     ``max_steps`` (optimizer steps) overrides ``epochs`` when set. ``save_every`` is in optimizer steps,
     ``eval_every`` in epochs (0: only at the end). ``image_size`` is the short side at evaluation; ``None`` takes the
@@ -38,7 +44,7 @@ class TrainConfig:
     batch_size: int = 2
     grad_accum_steps: int = 1
     lr: float = 2e-4
-    lr_backbone: float = 2e-5
+    lr_backbone: float | None = None
     lr_linear_proj_mult: float = 0.1
     weight_decay: float = 1e-4
     clip_grad_norm: float = 0.1
@@ -68,6 +74,10 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        # Remembered (not a field: not saved or compared) so that with_overrides can derive it again.
+        self._lr_backbone_derived = self.lr_backbone is None
+        if self.lr_backbone is None and isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool):
+            self.lr_backbone = self.lr / BACKBONE_LR_DIVISOR
         self.validate()
 
     def validate(self) -> None:
@@ -143,6 +153,9 @@ class TrainConfig:
             raise ValueError(f"cannot read the run's settings {path}: {error}") from None
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
+        """A copy with ``overrides``; a derived ``lr_backbone`` (``lr / 10``) follows an overridden ``lr``."""
         values = self.to_dict()
+        if self._lr_backbone_derived:
+            values["lr_backbone"] = None
         values.update(overrides)
         return TrainConfig.from_dict(values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -14,12 +15,14 @@ import PIL.Image
 import pytest
 
 import ddetr
+import finetune.data.prepare as prepare_module
 from app_support.dataset_sources import DatasetChoiceError, hub_choice, resolve_dataset, shapes_choice
 from app_support.downloads import DownloadFolder
 from app_support.finetune_tab import FinetuneTab, loss_frame, map_frame, metrics_rows
 from app_support.model_choices import ModelRegistry
 from app_support.paths import AppPaths, PathNotAllowedError
-from app_support.training import JobBusyError, TrainingJobs
+from app_support.training import APP_OVERRIDES, APP_TRAINING_DEFAULTS, JobBusyError, TrainingJobs
+from finetune.config import TrainConfig
 
 TINY_SHAPES = {"kind": "shapes", "shapes_train": 16, "shapes_validation": 4, "shapes_size": 128}
 FORM_DEFAULTS = {"hub_id": "", "folder": "", "upload": None}
@@ -177,6 +180,84 @@ def test_one_job_stop_within_a_step_resume_and_use_in_detect(tab: FinetuneTab):
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoModelForObjectDetection.from_pretrained(folder)
     assert reference.config.id2label == {int(k): v for k, v in detector.model.config.id2label.items()}
+
+
+@pytest.fixture
+def validations(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The split sources validated (every image decoded) while the test runs, one entry per validation."""
+    validated: list[object] = []
+    original = prepare_module.validate_split
+
+    def counting(source, categories, *, strict=False):
+        validated.append(source)
+        return original(source, categories, strict=strict)
+
+    monkeypatch.setattr(prepare_module, "validate_split", counting)
+    return validated
+
+
+def test_a_dataset_is_validated_once_per_start(tab: FinetuneTab, validations: list):
+    tab.check_dataset(*form())
+    splits = len(validations)
+    assert splits >= 2  # train and validation at least, once each
+    # Start after Check trains on the checked data: no further validation, in the form or in the run.
+    first = tab.start(*start_args(max_steps=1))
+    tab.jobs.wait(120)
+    assert tab.jobs.snapshot().state == "finished" and len(validations) == splits
+    # Start without Check (the checked data was for one Start): validated once, by the form, not again by the run.
+    second = tab.start(*start_args(max_steps=1))
+    tab.jobs.wait(120)
+    assert tab.jobs.snapshot().state == "finished" and second != first
+    assert len(validations) == 2 * splits
+    # Checking another dataset first does not hand its data to a Start on this one.
+    tab.check_dataset(*form(shapes_train=17))
+    tab.start(*start_args(max_steps=1))
+    tab.jobs.wait(120)
+    assert tab.jobs.snapshot().state == "finished" and len(validations) == 4 * splits
+
+
+def test_the_form_starts_at_the_app_training_defaults(tab: FinetuneTab):
+    with gr.Blocks() as demo, gr.Tabs() as tabs:
+        with gr.Tab("Detect", id="detect"):
+            detect_model = gr.Dropdown([], label="Model")
+        with gr.Tab("Fine-tune", id="finetune"):
+            tab.build(detect_model=detect_model, tabs=tabs)
+    fields = {getattr(block, "label", None): block for block in demo.blocks.values()}
+    initial = {
+        "epochs": fields["Epochs"].value,
+        "max_steps": fields["Max steps (0: by epochs)"].value,
+        "batch_size": fields["Batch size"].value,
+        "lr": fields["Learning rate"].value,
+        "image_size": fields["Image size (shortest edge)"].value,
+        "eval_every": fields["Evaluate every (epochs)"].value,
+        "save_every": fields["Checkpoint every (steps)"].value,
+    }
+    assert initial == {
+        "epochs": APP_TRAINING_DEFAULTS.epochs,
+        "max_steps": APP_TRAINING_DEFAULTS.max_steps or 0,
+        "batch_size": APP_TRAINING_DEFAULTS.batch_size,
+        "lr": APP_TRAINING_DEFAULTS.lr,
+        "image_size": APP_TRAINING_DEFAULTS.image_size or 0,
+        "eval_every": APP_TRAINING_DEFAULTS.eval_every,
+        "save_every": APP_TRAINING_DEFAULTS.save_every,
+    }
+    # The app's defaults are TrainConfig's except for APP_OVERRIDES (and the placeholders replaced on Start).
+    declared = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    expected = {**declared, **APP_OVERRIDES, "dataset": "shapes", "lr_backbone": TrainConfig(dataset="x").lr_backbone}
+    assert APP_TRAINING_DEFAULTS.to_dict() == expected
+    assert APP_TRAINING_DEFAULTS.lr_backbone == APP_TRAINING_DEFAULTS.lr / 10
+
+
+def test_started_runs_take_the_form_settings_and_derive_the_backbone_lr(tab: FinetuneTab):
+    run = tab.start(*form(), "preset:tiny", 3, 1, 2, 1e-3, 128, 0, 7)
+    tab.jobs.wait(120)
+    saved = json.loads((tab.paths.runs / run / "train_config.json").read_text())
+    expected = APP_TRAINING_DEFAULTS.with_overrides(
+        dataset=saved["dataset"], model="tiny", output_dir=saved["output_dir"], epochs=3, max_steps=1,
+        batch_size=2, lr=1e-3, image_size=128, eval_every=0, save_every=7, max_size=saved["max_size"],
+    )  # fmt: skip
+    assert saved == expected.to_dict()
+    assert saved["lr_backbone"] == pytest.approx(1e-4) and saved["log_every"] == 1
 
 
 def test_use_in_detect_needs_a_finished_job(tab: FinetuneTab):

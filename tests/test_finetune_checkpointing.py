@@ -16,7 +16,7 @@ import finetune.run.checkpoints as checkpointing
 from ddetr import DeformableDetrForObjectDetection
 from finetune.presets import preset_config
 from finetune.run.checkpoints import (
-    CheckpointError,
+    TrainingCheckpointError,
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
@@ -144,7 +144,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path, trained) 
     model, _ = trained
     save_checkpoint(tmp_path, step=1, epoch=0, model=model, train_state={"step": 1})
     other = DeformableDetrForObjectDetection(preset_config("tiny", ["a", "b", "c"]))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(TrainingCheckpointError):
         load_checkpoint(latest_checkpoint(tmp_path), other)
 
 
@@ -161,7 +161,7 @@ def test_pickles_are_never_executed(tmp_path: Path, trained) -> None:
     meta = json.loads((info_path / "meta.json").read_text())
     meta["files"]["train_state.pt"] = (info_path / "train_state.pt").stat().st_size
     (info_path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(TrainingCheckpointError):
         load_checkpoint(latest_checkpoint(tmp_path), _fresh())
     assert not marker.exists()
 

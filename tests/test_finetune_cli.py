@@ -85,6 +85,7 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         "r50",
     ):
         assert flag in text, flag
+    assert "backbone learning rate (default: --lr / 10)" in " ".join(text.split())
 
 
 def test_bad_command_lines_exit_2(

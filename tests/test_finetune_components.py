@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -11,14 +13,17 @@ import pytest
 import torch
 
 from ddetr import DeformableDetrForObjectDetection
+from ddetr.loss.matcher import NonFinitePredictionError
 from ddetr.runtime.precision import resolve_precision
 from finetune.config import TrainConfig
 from finetune.data.sampler import ResumableBatchSampler, epoch_permutation, shard_indices
 from finetune.presets import PRESETS, parameter_groups, preset_config
+from finetune.run.distributed import DistributedContext
 from finetune.run.ema import ModelEma
 from finetune.run.metrics_log import MetricsLog, read_metrics
 from finetune.run.optim import LrSchedule, build_optimizer
 from finetune.run.plots import draw_line_chart, plot_run
+from finetune.run.step import train_step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,6 +98,80 @@ def test_settings_are_validated() -> None:
         TrainConfig.from_dict({"dataset": "x", "colour": "red"})
     config = TrainConfig(dataset="x", epochs=3)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_backbone_lr_is_a_tenth_of_lr_unless_given() -> None:
+    assert TrainConfig(dataset="x").lr_backbone == 2e-5  # the paper's pair
+    derived = TrainConfig(dataset="x", lr=1e-3)
+    assert derived.lr_backbone == pytest.approx(1e-4)
+    assert derived.with_overrides(lr=5e-4).lr_backbone == pytest.approx(5e-5)  # follows a new lr
+    explicit = TrainConfig(dataset="x", lr=1e-3, lr_backbone=3e-4)
+    assert explicit.with_overrides(lr=5e-4).lr_backbone == 3e-4  # given: kept
+    # Saved settings hold the number, so a reloaded run keeps its rate whatever its lr becomes.
+    reloaded = TrainConfig.from_dict(json.loads(json.dumps(derived.to_dict())))
+    assert reloaded.to_dict()["lr_backbone"] == pytest.approx(1e-4) and reloaded == derived
+    assert reloaded.with_overrides(lr=5e-4).lr_backbone == pytest.approx(1e-4)
+    assert TrainConfig.from_dict({"dataset": "x", "lr": 1e-3, "lr_backbone": None}).lr_backbone == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="lr_backbone"):
+        TrainConfig(dataset="x", lr_backbone=-1.0)
+
+
+def test_runs_saved_before_the_derived_backbone_lr_resume_with_their_own(tmp_path: Path) -> None:
+    from finetune.api import resume_config
+    from finetune.run.setup import check_run_directory
+
+    # An older run's settings: every field written out, lr changed and the backbone LR left at its old 2e-5 default.
+    saved = {**TrainConfig(dataset="x").to_dict(), "lr": 1e-3, "lr_backbone": 2e-5, "output_dir": str(tmp_path)}
+    (tmp_path / "train_config.json").write_text(json.dumps(saved))
+    config = resume_config(tmp_path)
+    assert config.lr_backbone == 2e-5 and config.with_overrides(threads=1).lr_backbone == 2e-5
+    assert check_run_directory(config) is None  # accepted (no checkpoint yet: it would start at step 0)
+    # Settings built afresh derive lr / 10 = 1e-4: a different run, refused.
+    fresh = TrainConfig(**{**saved, "lr_backbone": None, "resume": True})
+    with pytest.raises(ValueError, match=r"keep its settings; changed: lr_backbone: 2e-05 -> 0.0001"):
+        check_run_directory(fresh)
+
+
+class _Raising(torch.nn.Module):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.error = error
+
+    def forward(self, pixel_values, pixel_mask, labels=None):
+        raise self.error
+
+
+def test_a_step_skips_non_finite_predictions_by_type_and_surfaces_other_value_errors() -> None:
+    cpu = torch.device("cpu")
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, device=cpu, owns_group=False)
+    batch = SimpleNamespace(pixel_values=torch.zeros(1, 3, 8, 8), pixel_mask=torch.ones(1, 8, 8), labels=[{}])
+
+    def step(error: Exception):
+        model = _Raising(error)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return train_step(
+            model=model,
+            batches=[batch],
+            optimizer=optimizer,
+            parameters=list(model.parameters()),
+            precision=resolve_precision("fp32", cpu, training=True),
+            scaler=None,
+            clip_grad_norm=0.1,
+            context=context,
+        )
+
+    # As the criterion re-raises the matcher's refusal: the same type, naming the layer.
+    matcher_error = NonFinitePredictionError("predictions: image 0 has 1 queries with non-finite logits\nmore")
+    wrapped = NonFinitePredictionError(f"last decoder layer: {matcher_error}")
+    for error in (matcher_error, wrapped):
+        outcome = step(error)
+        assert outcome.skipped and outcome.counts_as_divergence and math.isnan(outcome.loss)
+        assert outcome.reason.startswith("non-finite predictions (") and "more" not in outcome.reason
+    assert "last decoder layer: predictions: image 0" in step(wrapped).reason
+    # A bad target says "non-finite" too, but it is bad data, not divergence: it must surface, not be skipped.
+    with pytest.raises(ValueError, match="target 0"):
+        step(ValueError("target 0: 1 box(es) are non-finite or have width/height <= 0 (cxcywh): [[nan]]"))
 
 
 def test_precision_resolution_on_cpu() -> None:

@@ -25,6 +25,7 @@ from finetune.data.shapes import SHAPE_CLASSES, make_shapes_dataset
 from finetune.presets import preset_config
 from finetune.run import trainer as trainer_module
 from finetune.run.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_a_signal_during_setup_stops_at_once(tmp_path: Path, monkeypatch: pytest
         make_shapes_dataset(4, seed=3, image_size=64).save_to_disk(tmp_path / "data")
         first = base.with_overrides(dataset=str(tmp_path / "data"), max_steps=3, batch_size=2, image_size=64)
         first = first.with_overrides(eval_every=0, save_every=3)
-        assert trainer_module.Trainer(first).run().state == "finished"
+        assert run_training(first).state == "finished"
         base = TrainConfig.load(output / "train_config.json").with_overrides(resume=True)
 
     def folder_state() -> list[tuple[str, int]]:
@@ -198,7 +199,7 @@ def test_a_signal_during_setup_stops_at_once(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(trainer_module, "prepare_run_data", slow_preparation)
     previous_handler = signal.getsignal(signal.SIGTERM)
     started = time.monotonic()
-    result = trainer_module.Trainer(base).run()
+    result = run_training(base)
     timer.join()
     assert time.monotonic() - started < 30
     assert result.state == "stopped"

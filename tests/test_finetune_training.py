@@ -20,8 +20,8 @@ from finetune.config import TrainConfig
 from finetune.data.shapes import make_shapes_dataset
 from finetune.presets import build_model, preset_config
 from finetune.run.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
-from finetune.run.trainer import Trainer
 
 IMAGE_SIZE = 64
 
@@ -77,7 +77,7 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path: Path) -> None:
         lr_drop=1.0,
         log_every=10,
     )
-    result = Trainer(config).run()
+    result = run_training(config)
     losses = [record["loss"] for record in read_metrics(tmp_path / "run" / "metrics.jsonl", kind="train")]
     assert result.state == "finished"
     assert losses[-1] < 0.25 * losses[0], losses
@@ -86,7 +86,11 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path: Path) -> None:
     assert result.metrics["map"] > 0.3
 
 
-def _nan_forward(monkeypatch: pytest.MonkeyPatch, poisoned_calls: set[int], snapshots: dict[int, dict]) -> None:
+def _nan_forward(
+    monkeypatch: pytest.MonkeyPatch, poisoned_calls: set[int], snapshots: dict[int, dict], poison: str
+) -> None:
+    """Poison the training forward passes ``poisoned_calls``: a NaN ``loss``, or NaN ``predictions`` (the class
+    head's bias for that call only), which the matcher refuses with NonFinitePredictionError."""
     original = DeformableDetrForObjectDetection.forward
     calls = {"count": 0}
 
@@ -95,6 +99,16 @@ def _nan_forward(monkeypatch: pytest.MonkeyPatch, poisoned_calls: set[int], snap
             return original(self, pixel_values, pixel_mask, labels, **kwargs)
         calls["count"] += 1
         snapshots[calls["count"]] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if calls["count"] in poisoned_calls and poison == "predictions":
+            bias = self.class_embed[-1].bias
+            kept = bias.detach().clone()
+            with torch.no_grad():
+                bias.fill_(float("nan"))
+            try:
+                return original(self, pixel_values, pixel_mask, labels, **kwargs)
+            finally:
+                with torch.no_grad():
+                    bias.copy_(kept)
         outputs = original(self, pixel_values, pixel_mask, labels, **kwargs)
         if calls["count"] in poisoned_calls:
             outputs.loss = outputs.loss * float("nan")
@@ -103,13 +117,16 @@ def _nan_forward(monkeypatch: pytest.MonkeyPatch, poisoned_calls: set[int], snap
     monkeypatch.setattr(DeformableDetrForObjectDetection, "forward", forward)
 
 
+@pytest.mark.parametrize("poison", ["loss", "predictions"])
 def test_non_finite_step_is_skipped_and_repeated_divergence_stops_the_run(
-    shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: str
 ) -> None:
     snapshots: dict[int, dict] = {}
-    _nan_forward(monkeypatch, {4, 6, 7, 8}, snapshots)
-    result = Trainer(_config(shapes_dir, tmp_path, max_steps=20, save_every=5)).run()
+    _nan_forward(monkeypatch, {4, 6, 7, 8}, snapshots, poison)
+    result = run_training(_config(shapes_dir, tmp_path, max_steps=20, save_every=5))
     assert result.state == "diverged" and result.step == 8
+    # Why the last step was skipped: the loss itself, or the matcher refusing NaN predictions (by its type).
+    assert f"(last: non-finite {poison}" in result.message, result.message
     # Step 4 was skipped: the weights entering step 5 are those that entered step 4, bit for bit.
     for name, value in snapshots[4].items():
         assert torch.equal(value, snapshots[5][name]), name
@@ -134,7 +151,7 @@ def _class_names(folder: Path) -> list[str]:
 
 
 def test_stop_takes_effect_within_one_step_and_resume_is_exact(shapes_dir: Path, tmp_path: Path) -> None:
-    reference = Trainer(_config(shapes_dir, tmp_path / "straight", max_steps=12, save_every=4)).run()
+    reference = run_training(_config(shapes_dir, tmp_path / "straight", max_steps=12, save_every=4))
     assert reference.state == "finished"
 
     run = start_run(_config(shapes_dir, tmp_path / "stopped", max_steps=12, save_every=4))
@@ -164,7 +181,7 @@ def test_stop_takes_effect_within_one_step_and_resume_is_exact(shapes_dir: Path,
 
 def test_outputs_and_export_load_in_ddetr_and_transformers(shapes_dir: Path, tmp_path: Path) -> None:
     records = []
-    result = Trainer(_config(shapes_dir, tmp_path, max_steps=4, eval_every=1), on_record=records.append).run()
+    result = run_training(_config(shapes_dir, tmp_path, max_steps=4, eval_every=1), on_record=records.append)
     assert result.state == "finished"
     for name in ("metrics.jsonl", "loss.png", "map.png", "train_config.json", "status.json", "validation_report.json"):
         assert (tmp_path / name).is_file(), name
@@ -206,7 +223,7 @@ def test_ema_accumulation_cosine_and_bf16_run(shapes_dir: Path, tmp_path: Path) 
         save_every=2,
         num_workers=1,
     )
-    result = Trainer(config).run()
+    result = run_training(config)
     assert result.state == "finished"
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl", kind="train")]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
@@ -219,11 +236,9 @@ def test_ema_accumulation_cosine_and_bf16_run(shapes_dir: Path, tmp_path: Path) 
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warm-up, then cosine decay
 
 
-def test_training_on_a_dataset_with_bad_annotations_stays_finite(tmp_path: Path) -> None:
-    from tests.test_finetune_validation import write_bad_coco
-
+def test_training_on_a_dataset_with_bad_annotations_stays_finite(tmp_path: Path, write_bad_coco) -> None:
     path = write_bad_coco(tmp_path / "data")
-    result = Trainer(_config(path, tmp_path / "run", max_steps=20, validation_fraction=0.0, augment="paper")).run()
+    result = run_training(_config(path, tmp_path / "run", max_steps=20, validation_fraction=0.0, augment="paper"))
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", kind="train")]
     assert result.state == "finished" and len(losses) == 20 and all(math.isfinite(v) for v in losses)
     report = json.loads((tmp_path / "run" / "validation_report.json").read_text())
@@ -231,12 +246,12 @@ def test_training_on_a_dataset_with_bad_annotations_stays_finite(tmp_path: Path)
 
 
 def test_run_directory_guards(shapes_dir: Path, tmp_path: Path) -> None:
-    Trainer(_config(shapes_dir, tmp_path, max_steps=2)).run()
+    run_training(_config(shapes_dir, tmp_path, max_steps=2))
     with pytest.raises(ValueError, match="already holds a training run"):
-        Trainer(_config(shapes_dir, tmp_path, max_steps=2)).run()
+        run_training(_config(shapes_dir, tmp_path, max_steps=2))
     assert read_run(tmp_path)["status"]["state"] == "finished"  # the refused start left the old run alone
     with pytest.raises(ValueError, match="keep its settings"):
-        Trainer(_config(shapes_dir, tmp_path, max_steps=3, resume=True)).run()
+        run_training(_config(shapes_dir, tmp_path, max_steps=3, resume=True))
     with pytest.raises(ValueError, match="nothing to resume"):
         resume_run(tmp_path / "elsewhere")
 
@@ -250,7 +265,7 @@ def test_a_failing_run_reports_failed(tmp_path: Path) -> None:
 def test_stop_before_the_first_step_saves_a_resumable_checkpoint(shapes_dir: Path, tmp_path: Path) -> None:
     stop = threading.Event()
     stop.set()
-    result = Trainer(_config(shapes_dir, tmp_path, max_steps=3), stop_event=stop).run()
+    result = run_training(_config(shapes_dir, tmp_path, max_steps=3), stop_event=stop)
     assert result.state == "stopped" and result.step == 0
     assert latest_checkpoint(tmp_path / "checkpoints").step == 0
     finished = resume_run(tmp_path)
@@ -268,8 +283,10 @@ def test_saving_the_same_step_twice_keeps_one_checkpoint(tmp_path: Path) -> None
     )
 
 
-def test_fine_tuning_a_checkpoint_keeps_or_reinitialises_the_class_heads(shapes_dir: Path, tmp_path: Path) -> None:
-    Trainer(_config(shapes_dir, tmp_path / "base", max_steps=2)).run()
+def test_fine_tuning_a_checkpoint_keeps_or_reinitialises_the_class_heads(
+    shapes_dir: Path, tmp_path: Path, write_bad_coco
+) -> None:
+    run_training(_config(shapes_dir, tmp_path / "base", max_steps=2))
     source = str(tmp_path / "base" / "model")
     base = DeformableDetrForObjectDetection.from_pretrained(source)
     names = _class_names(shapes_dir)
@@ -286,10 +303,8 @@ def test_fine_tuning_a_checkpoint_keeps_or_reinitialises_the_class_heads(shapes_
     torch.testing.assert_close(other.model.model.backbone.state_dict(), base.model.backbone.state_dict())
 
     # A run started from the checkpoint trains on the new classes and exports them.
-    from tests.test_finetune_validation import write_bad_coco
-
-    result = Trainer(_config(write_bad_coco(tmp_path / "coco"), tmp_path / "tuned", model=source, max_steps=2,
-                             validation_fraction=0.0)).run()  # fmt: skip
+    result = run_training(_config(write_bad_coco(tmp_path / "coco"), tmp_path / "tuned", model=source, max_steps=2,
+                                  validation_fraction=0.0))  # fmt: skip
     assert result.state == "finished"
     tuned = DeformableDetrForObjectDetection.from_pretrained(tmp_path / "tuned" / "model")
     assert tuned.config.id2label == {0: "thing", 1: "other"}

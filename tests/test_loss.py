@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddetr.loss.criterion import SetCriterion, build_criterion
-from ddetr.loss.matcher import HungarianMatcher
+from ddetr.loss.matcher import HungarianMatcher, NonFinitePredictionError
 
 ALPHA, GAMMA = 0.25, 2.0
 COSTS = {"class": 1.0, "bbox": 5.0, "giou": 2.0}
@@ -326,34 +326,40 @@ def _valid_case():
 
 
 @pytest.mark.parametrize(
-    "corrupt,message",
+    "corrupt,message,non_finite_prediction",
     [
-        (lambda o, t: o["pred_boxes"][1, 3].fill_(float("nan")), r"image 1 .*queries \[3\]"),
-        (lambda o, t: o["pred_boxes"][0, 2, 3].fill_(-0.1), "image 0"),
-        (lambda o, t: o["logits"][1, 4, 0].fill_(float("nan")), r"image 1 .*queries \[4\]"),
-        (lambda o, t: t[1]["boxes"][0, 2].fill_(0.0), "target 1: 1 box"),
-        (lambda o, t: t[0]["boxes"][1, 0].fill_(float("inf")), "target 0: 1 box"),
-        (lambda o, t: t[0]["class_labels"].fill_(3), r"class labels \[3, 3\] are outside \[0, 3\)"),
-        (lambda o, t: t[1]["class_labels"].fill_(-1), r"class labels \[-1\]"),
-        (lambda o, t: t.pop(), "1 target dicts for a batch of 2"),
-        (lambda o, t: t[0].update(class_labels=t[0]["class_labels"].float()), "integer"),
-        (lambda o, t: t[0].update(boxes=t[0]["boxes"].tolist()), "must be tensors"),
+        (lambda o, t: o["pred_boxes"][1, 3].fill_(float("nan")), r"image 1 .*queries \[3\]", True),
+        (lambda o, t: o["pred_boxes"][0, 2, 3].fill_(-0.1), "image 0", True),
+        (lambda o, t: o["logits"][1, 4, 0].fill_(float("nan")), r"image 1 .*queries \[4\]", True),
+        (lambda o, t: o["logits"][0, 0, 2].fill_(float("-inf")), "non-finite logits", True),
+        (lambda o, t: t[1]["boxes"][0, 2].fill_(0.0), "target 1: 1 box", False),
+        # A bad target is bad data, not a diverging model, even though its message says "non-finite".
+        (lambda o, t: t[0]["boxes"][1, 0].fill_(float("inf")), "target 0: 1 box.* non-finite", False),
+        (lambda o, t: t[0]["class_labels"].fill_(3), r"class labels \[3, 3\] are outside \[0, 3\)", False),
+        (lambda o, t: t[1]["class_labels"].fill_(-1), r"class labels \[-1\]", False),
+        (lambda o, t: t.pop(), "1 target dicts for a batch of 2", False),
+        (lambda o, t: t[0].update(class_labels=t[0]["class_labels"].float()), "integer", False),
+        (lambda o, t: t[0].update(boxes=t[0]["boxes"].tolist()), "must be tensors", False),
     ],
 )
-def test_bad_inputs_raise_value_error(corrupt, message):
+def test_bad_inputs_raise_value_error(corrupt, message, non_finite_prediction):
     outputs, targets = _valid_case()
     corrupt(outputs, targets)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         HungarianMatcher()(outputs["logits"], outputs["pred_boxes"], targets)
-    with pytest.raises(ValueError, match=message):
+    # Non-finite predictions (a diverging model, which training skips) have their own type; the rest does not.
+    assert isinstance(raised.value, NonFinitePredictionError) == non_finite_prediction
+    with pytest.raises(ValueError, match=message) as raised:
         make_criterion(3)(outputs, targets)
+    # The criterion names the layer and chains the matcher's error, type included.
+    assert isinstance(raised.value.__cause__, NonFinitePredictionError) == non_finite_prediction
 
 
 def test_overflowing_cost_raises_value_error():
     """Finite but absurd boxes overflow the cost (area = inf); scipy must never see it."""
     outputs, targets = _valid_case()
     outputs["pred_boxes"][0, 1] = 1e308
-    with pytest.raises(ValueError, match=r"matching cost of image 0 is non-finite for queries \[1\]"):
+    with pytest.raises(NonFinitePredictionError, match=r"matching cost of image 0 is non-finite for queries \[1\]"):
         HungarianMatcher()(outputs["logits"], outputs["pred_boxes"], targets)
 
 

@@ -221,10 +221,6 @@ def check_shared_consistency(file_state: dict[str, torch.Tensor], groups: list[l
                 )
 
 
-def drop_keys(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    return {key: value for key, value in state_dict.items() if not key.startswith(prefixes)}
-
-
 def normalise_file_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any supported layout to our names (shared-head expansion happens against the model, later)."""
     if is_paper_layout(state_dict):

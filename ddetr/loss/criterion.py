@@ -164,8 +164,9 @@ class SetCriterion(nn.Module):
         try:
             indices = self.matcher(logits, pred_boxes, targets)
         except ValueError as error:
-            # Say which decoder layer (or the encoder proposals) produced the bad values.
-            raise ValueError(f"{_layer_name(suffix)}: {error}") from error
+            # Say which decoder layer (or the encoder proposals) produced the bad values; the type stays, so a
+            # trainer can tell diverged predictions (NonFinitePredictionError) from malformed targets.
+            raise type(error)(f"{_layer_name(suffix)}: {error}") from error
         # At least float32: a half-precision focal loss under AMP underflows and overflows.
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         logits = logits.to(compute_dtype)

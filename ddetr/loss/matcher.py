@@ -12,7 +12,9 @@ evaluated at the target's class. Unmatched queries are "no object" for the crite
 
 Unlike transformers, which replaces NaN/inf costs by the largest float and lets training carry on with a silently
 wrong assignment (or crashes later inside ``generalized_box_iou``), bad predictions and bad targets raise a
-``ValueError`` that names the image and shows the offending values.
+``ValueError`` that names the image and shows the offending values: ``NonFinitePredictionError`` for predictions
+that are not finite numbers (a diverging model, which a training loop may skip), a plain ``ValueError`` for
+malformed inputs and bad targets (a bug or bad data, to surface).
 """
 
 from __future__ import annotations
@@ -33,13 +35,19 @@ MatchIndices = list[tuple[torch.Tensor, torch.Tensor]]
 _SHOWN_ROWS = 5
 
 
+class NonFinitePredictionError(ValueError):
+    """Predictions with NaN/inf logits or boxes, negative box sizes, or a matching cost that overflows: what a
+    diverging model produces (not a malformed input or a bad target, which raise a plain ``ValueError``)."""
+
+
 def _empty_match() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
 
 
 def check_predictions(logits: torch.Tensor, pred_boxes: torch.Tensor, name: str = "predictions") -> None:
-    """Raise ValueError unless logits are finite (batch, queries, classes) and pred_boxes (batch, queries, 4) finite
-    cxcywh boxes with non-negative width and height."""
+    """Raise ValueError unless logits are (batch, queries, classes) and pred_boxes (batch, queries, 4);
+    ``NonFinitePredictionError`` unless the logits are finite and the boxes finite cxcywh boxes with non-negative
+    width and height."""
     if logits.dim() != 3 or pred_boxes.dim() != 3 or pred_boxes.shape[-1] != 4:
         raise ValueError(
             f"{name}: expected logits (batch, queries, classes) and pred_boxes (batch, queries, 4), got "
@@ -59,7 +67,7 @@ def check_predictions(logits: torch.Tensor, pred_boxes: torch.Tensor, name: str 
     if bad.any():
         image = int(bad.any(-1).nonzero()[0])
         queries = bad[image].nonzero().flatten()[:_SHOWN_ROWS]
-        raise ValueError(
+        raise NonFinitePredictionError(
             f"{name}: image {image} has {int(bad[image].sum())} queries with non-finite logits or non-finite / "
             f"negative-size boxes; queries {queries.tolist()}: boxes (cxcywh) {pred_boxes[image, queries].tolist()}, "
             f"logits (first 8 classes) {logits[image, queries, :8].tolist()} ({int(bad.sum())} bad queries in the "
@@ -224,7 +232,7 @@ class HungarianMatcher(nn.Module):
     @staticmethod
     def _raise_non_finite(image: int, cost: np.ndarray, logits: torch.Tensor, pred_boxes: torch.Tensor) -> None:
         bad_queries = np.nonzero(~np.isfinite(cost).all(1))[0][:_SHOWN_ROWS].tolist()
-        raise ValueError(
+        raise NonFinitePredictionError(
             f"matching cost of image {image} is non-finite for queries {bad_queries}: predicted boxes (cxcywh) "
             f"{pred_boxes[bad_queries].tolist()}, logits {logits[bad_queries, :8].tolist()} (first 8 classes); "
             "NaN/inf predictions usually mean training diverged (try a lower learning rate or float32 instead of AMP)"

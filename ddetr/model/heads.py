@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,19 +49,14 @@ def build_box_heads(d_model: int, count: int, *, shared: bool, two_stage: bool) 
     sigmoid(-2) ~ 0.12 of the image unless proposals already carry a size (two-stage)."""
     head = BoxHead(input_dim=d_model, hidden_dim=d_model)
     with torch.no_grad():
-        nn.init.zeros_(head.layers[-1].weight)
-        nn.init.zeros_(head.layers[-1].bias)
+        nn.init.zeros_(_last_layer(head).weight)
+        nn.init.zeros_(_last_layer(head).bias)
     heads = _repeat(head, count, shared)
     if not two_stage:
         with torch.no_grad():
-            heads[0].layers[-1].bias[2:] = -2.0
+            _last_layer(heads[0]).bias[2:] = -2.0
     return heads
 
 
-def reset_class_heads(heads: nn.ModuleList) -> None:
-    """Re-initialise class heads in place (used when a checkpoint is loaded with a different label set)."""
-    for head in heads:
-        if isinstance(head, nn.Linear):
-            head.reset_parameters()
-            with torch.no_grad():
-                head.bias.fill_(-math.log((1 - CLASS_PRIOR_PROBABILITY) / CLASS_PRIOR_PROBABILITY))
+def _last_layer(head: nn.Module) -> Linear:
+    return cast(Linear, cast(BoxHead, head).layers[-1])

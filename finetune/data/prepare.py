@@ -14,12 +14,34 @@ from finetune.data.validation import ValidationReport, validate_split
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """What prepared data was made from: the same source and settings always give the same splits."""
+
+    source: str
+    strict: bool = False
+    seed: int = 0
+    validation_fraction: float = 0.15
+
+    def differences(self, other: DataSettings) -> list[str]:
+        """``name: ours -> theirs`` for every setting that differs from ``other``."""
+        return [
+            f"{name}: {getattr(self, name)!r} -> {getattr(other, name)!r}"
+            for name in ("source", "strict", "seed", "validation_fraction")
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+
 @dataclass
 class PreparedData:
-    """Validated splits by name (``train``, ``validation``, ``test`` and any others), class names, and reports."""
+    """Validated splits by name (``train``, ``validation``, ``test`` and any others), class names, and reports.
+
+    ``settings`` records the source and the settings it was prepared with, so that a run handed this data can
+    refuse it when its own settings would have prepared something else."""
 
     class_names: list[str]
     splits: dict[str, DetectionSplit]
+    settings: DataSettings
     reports: list[ValidationReport] = field(default_factory=list)
     description: str = ""
 
@@ -27,6 +49,15 @@ class PreparedData:
         if name not in self.splits:
             raise ValueError(f"the dataset has no {name!r} split (it has {sorted(self.splits)})")
         return self.splits[name]
+
+    def check_settings(self, expected: DataSettings) -> None:
+        """ValueError unless this data was prepared from ``expected``'s source with its settings."""
+        differences = self.settings.differences(expected)
+        if differences:
+            raise ValueError(
+                "the prepared data does not fit the run's settings (prepared with -> the run's): "
+                + ", ".join(differences)
+            )
 
 
 def validate_dataset(loaded: LoadedDataset, *, strict: bool) -> tuple[dict[str, list[Sample]], list[ValidationReport]]:
@@ -41,8 +72,7 @@ def assemble(
     loaded: LoadedDataset,
     samples: dict[str, list[Sample]],
     *,
-    seed: int,
-    validation_fraction: float,
+    settings: DataSettings,
     reports: list[ValidationReport] | None = None,
 ) -> PreparedData:
     """Splits from validated samples; without a validation split, ``validation_fraction`` of train becomes one."""
@@ -53,18 +83,20 @@ def assemble(
     if "train" not in splits and len(splits) == 1:
         only = next(iter(splits))
         splits = {"train": DetectionSplit(name="train", samples=splits[only].samples, source=splits[only].source)}
-    if "train" in splits and "validation" not in splits and validation_fraction > 0:
+    if "train" in splits and "validation" not in splits and settings.validation_fraction > 0:
         train = splits["train"]
-        count = round(len(train) * validation_fraction)
+        count = round(len(train) * settings.validation_fraction)
         if len(train) >= 2 and count >= 1:
             # A fixed permutation: the same seed always holds out the same images, also on resume.
-            order = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A])).permutation(len(train)).tolist()
+            rng = np.random.default_rng(np.random.SeedSequence([settings.seed, 0xDA7A]))
+            order = rng.permutation(len(train)).tolist()
             splits["validation"] = train.subset("validation", sorted(order[:count]))
             splits["train"] = train.subset("train", sorted(order[count:]))
             logger.info("no validation split: held out %d of %d training images", count, len(train))
     return PreparedData(
         class_names=list(loaded.categories.names),
         splits=splits,
+        settings=settings,
         reports=list(reports or []),
         description=loaded.description,
     )
@@ -76,6 +108,7 @@ def prepare_data(
     """Open ``source`` (see ``finetune.data.sources``), validate every split and assemble the splits."""
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    settings = DataSettings(source=str(source), strict=strict, seed=seed, validation_fraction=validation_fraction)
     loaded = open_dataset(source)
     samples, reports = validate_dataset(loaded, strict=strict)
-    return assemble(loaded, samples, seed=seed, validation_fraction=validation_fraction, reports=reports)
+    return assemble(loaded, samples, settings=settings, reports=reports)

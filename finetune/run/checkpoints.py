@@ -24,7 +24,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,8 +38,9 @@ META_FILE = "meta.json"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
-class CheckpointError(ValueError):
-    """No usable checkpoint, or one that does not fit the run."""
+class TrainingCheckpointError(ValueError):
+    """A training checkpoint (``checkpoints/step-N`` of a run) whose weights or training state cannot be read, or
+    whose weights do not fit the run's model. (``ddetr.CheckpointError`` is about model checkpoints.)"""
 
 
 @dataclass(frozen=True)
@@ -159,15 +160,19 @@ def load_checkpoint(info: CheckpointInfo, model: nn.Module) -> dict[str, Any]:
     try:
         missing, unexpected = load_model(model, str(info.path / MODEL_FILE), strict=False)
     except Exception as error:
-        raise CheckpointError(f"{info.path}: cannot load the model weights ({type(error).__name__}: {error})") from None
+        raise TrainingCheckpointError(
+            f"{info.path}: cannot load the model weights ({type(error).__name__}: {error})"
+        ) from None
     if missing or unexpected:
-        raise CheckpointError(
+        raise TrainingCheckpointError(
             f"{info.path} does not fit the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
     try:
         return torch.load(info.path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{info.path}: cannot read {STATE_FILE} ({type(error).__name__}: {error})") from None
+        raise TrainingCheckpointError(
+            f"{info.path}: cannot read {STATE_FILE} ({type(error).__name__}: {error})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,7 +180,8 @@ def load_checkpoint(info: CheckpointInfo, model: nn.Module) -> dict[str, Any]:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    name, keys, position, has_gauss, cached = np.random.get_state()
+    # The legacy tuple (numpy's stubs also allow the dict form, which legacy=True never returns).
+    name, keys, position, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, python_state, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

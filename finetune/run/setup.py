@@ -11,7 +11,7 @@ import torch
 
 from ddetr import DeformableDetrConfig, DeformableDetrForObjectDetection
 from finetune.config import RESUMABLE_OVERRIDES, TrainConfig
-from finetune.data.prepare import PreparedData, assemble, validate_dataset
+from finetune.data.prepare import DataSettings, PreparedData, assemble, validate_dataset
 from finetune.data.sources import open_dataset
 from finetune.data.validation import DatasetValidationError
 from finetune.presets import build_model, is_preset
@@ -53,6 +53,21 @@ def check_run_directory(config: TrainConfig) -> CheckpointInfo | None:
     return checkpoint
 
 
+def data_settings(config: TrainConfig) -> DataSettings:
+    """The dataset source and the settings that decide a run's splits."""
+    return DataSettings(
+        source=config.dataset,
+        strict=config.strict,
+        seed=config.seed,
+        validation_fraction=config.validation_fraction,
+    )
+
+
+def check_prepared_data(data: PreparedData, config: TrainConfig) -> None:
+    """ValueError unless ``data`` was prepared as ``prepare_run_data`` would prepare it for ``config``."""
+    data.check_settings(data_settings(config))
+
+
 def prepare_run_data(config: TrainConfig, context: DistributedContext) -> PreparedData:
     """Open and validate the dataset. Under torchrun rank 0 validates (and builds any cache) first; the others
     receive its verdict, so every process trains on exactly the same samples."""
@@ -72,7 +87,7 @@ def prepare_run_data(config: TrainConfig, context: DistributedContext) -> Prepar
     _, samples, reports = payload
     if not context.is_main:
         loaded = open_dataset(config.dataset)
-    return assemble(loaded, samples, seed=config.seed, validation_fraction=config.validation_fraction, reports=reports)
+    return assemble(loaded, samples, settings=data_settings(config), reports=reports)
 
 
 def build_run_model(

@@ -7,13 +7,16 @@ before any gradient is exchanged.
 
 from __future__ import annotations
 
-import contextlib
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ddetr.loss.matcher import NonFinitePredictionError
 from ddetr.runtime.precision import Precision
 from finetune.data.collate import Batch
 from finetune.run.distributed import DistributedContext, any_process
@@ -42,11 +45,10 @@ def _forward_loss(
     try:
         with precision.autocast(device):
             outputs = model(batch.pixel_values, batch.pixel_mask, labels=batch.labels)
-    except ValueError as error:
-        # The matcher refuses NaN/inf predictions; that is a diverged step, anything else is a bug to surface.
-        if "non-finite" in str(error):
-            return None, {}, f"non-finite predictions ({str(error).splitlines()[0][:160]})"
-        raise
+    except NonFinitePredictionError as error:
+        # The matcher refuses NaN/inf predictions: a diverged step. Other errors (a malformed batch, a bad target)
+        # are bugs or bad data, and surface.
+        return None, {}, f"non-finite predictions ({str(error).splitlines()[0][:160]})"
     loss = outputs.loss
     if not torch.isfinite(loss).item():
         return None, {}, f"non-finite loss ({loss.item()})"
@@ -73,7 +75,7 @@ def train_step(
     for position, batch in enumerate(batches):
         last = position == len(batches) - 1
         # Under DDP, gradients are exchanged only on the last micro-batch of the step.
-        sync = model.no_sync() if (context.distributed and not last) else contextlib.nullcontext()
+        sync = cast(DistributedDataParallel, model).no_sync() if (context.distributed and not last) else nullcontext()
         with sync:
             loss, terms, problem = _forward_loss(model, batch, precision, device)
             if any_process(problem is not None, context):
@@ -84,6 +86,7 @@ def train_step(
                     reason=problem or "non-finite loss on another process",
                     counts_as_divergence=True,
                 )
+            assert loss is not None  # no process had a problem, this one included
             scaled = loss / len(batches)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total_loss += float(loss.detach()) / len(batches)

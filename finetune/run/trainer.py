@@ -1,9 +1,9 @@
-"""``Trainer``: runs a training job from a ``TrainConfig`` -- data, model, loop, evaluation, checkpoints, outputs.
+"""``Trainer``: trains a run from a ``TrainConfig`` -- data, model, loop, evaluation, checkpoints, outputs.
+``finetune.run.launch.run_training`` starts it (process group, run directory, signals, failed status).
 
 Per optimizer step: check the stop flag (all processes agree), train on ``grad_accum_steps`` batches, step the LR
 schedule, update the EMA, log every ``log_every`` steps, evaluate after every ``eval_every`` epochs, and save a
-checkpoint every ``save_every`` steps. A stop saves a checkpoint and ends the run as ``stopped`` (a SIGINT or
-SIGTERM during the preparation of the data and model ends it at once, with no checkpoint to write); a run of
+checkpoint every ``save_every`` steps. A stop saves a checkpoint and ends the run as ``stopped``; a run of
 ``max_nonfinite_steps`` skipped steps in a row ends it as ``diverged`` without touching the last good checkpoint.
 The end of training evaluates the validation split, saves a last checkpoint and exports ``model/``.
 
@@ -13,16 +13,14 @@ uninterrupted one bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -33,6 +31,7 @@ from ddetr.runtime.precision import resolve_precision
 from finetune.config import TrainConfig
 from finetune.data.augment import AugmentConfig
 from finetune.data.collate import DetectionCollator, TrainingImages, make_processor
+from finetune.data.prepare import PreparedData
 from finetune.data.records import DetectionSplit
 from finetune.data.sampler import ResumableBatchSampler, batches_per_epoch
 from finetune.data.validation import format_reports
@@ -48,9 +47,7 @@ from finetune.run.checkpoints import (
 from finetune.run.distributed import (
     DistributedContext,
     any_process,
-    cleanup_distributed,
     gather_objects,
-    setup_distributed,
     sum_over_processes,
 )
 from finetune.run.ema import ModelEma
@@ -68,7 +65,7 @@ from finetune.run.optim import build_optimizer, build_scheduler
 from finetune.run.plots import plot_run
 from finetune.run.setup import (
     build_run_model,
-    check_run_directory,
+    check_prepared_data,
     prepare_run_data,
     save_run_settings,
     seed_everything,
@@ -92,114 +89,45 @@ class RunResult:
     message: str = ""
 
 
-class StoppedDuringSetup(Exception):
-    """A stop signal arrived while the run was still preparing its data and model: nothing to save yet."""
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, training: threading.Event) -> Iterator[None]:
-    """SIGINT / SIGTERM ask the run to stop at the next step (saving a checkpoint) instead of killing it.
-
-    Before ``training`` is set there is no step to wait for, and preparing a large dataset can take minutes, so the
-    signal interrupts the setup at once (``StoppedDuringSetup``).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        if not training.is_set():
-            raise StoppedDuringSetup(f"signal {signum}")
-        logger.warning("signal %d: stopping after this step (a checkpoint will be saved); again to abort", signum)
-        stop.set()
-        # A second signal gets the default treatment, for when waiting for the step is not an option.
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 class Trainer:
-    """Run one training job. ``stop_event`` (checked every step) stops it resumably; ``on_record`` receives every
-    metrics record on rank 0 as it is written."""
+    """One training run: ``__init__`` prepares the data (unless given), the model, optimizer and any checkpoint to
+    resume from; ``run`` trains, evaluates, checkpoints and exports.
+
+    ``finetune.run.launch.run_training`` is the way in: it joins the process group (``context``), checks the run
+    directory (``checkpoint``: the one to resume from, None for step 0), and turns signals and failures into a
+    run status around this class. ``stop_event`` (checked every step) stops the run resumably; ``on_record``
+    receives every metrics record on rank 0 as it is written. ``data``: the dataset already prepared (validated) by
+    ``finetune.data.prepare.prepare_data`` with the config's source, ``strict``, ``seed`` and
+    ``validation_fraction`` (ValueError otherwise); None prepares it here (under torchrun rank 0 validates and the
+    others receive its verdict). Under torchrun every process given ``data`` must be given the same.
+    """
 
     def __init__(
         self,
         config: TrainConfig,
         *,
-        stop_event: threading.Event | None = None,
-        on_record: Callable[[Record], None] | None = None,
-    ) -> None:
-        self.config = config
-        self.stop_event = stop_event if stop_event is not None else threading.Event()
-        self.on_record = on_record
-
-    def request_stop(self) -> None:
-        self.stop_event.set()
-
-    def run(self) -> RunResult:
-        context = setup_distributed(self.config.device)
-        try:
-            # Refusals here leave the folder as it is: it may hold someone else's finished run.
-            checkpoint = check_run_directory(self.config)
-            training = threading.Event()
-            try:
-                with stop_on_signals(self.stop_event, training):
-                    run = _Run(self.config, context, checkpoint, self.stop_event, self.on_record)
-                    training.set()
-                    return run.execute()
-            except StoppedDuringSetup:
-                # No step was taken: a new run has no checkpoint, a resumed one keeps its last.
-                step = checkpoint.step if checkpoint is not None else 0
-                if checkpoint is None:
-                    message = "stopped while preparing the data and model, before the first step; no checkpoint written"
-                else:
-                    message = f"stopped before resuming; the run is still at step {step}; resume with --resume"
-                logger.warning("%s", message)
-                return RunResult("stopped", step, -1, Path(self.config.output_dir), None, message)
-            except BaseException as error:
-                if context.is_main and Path(self.config.output_dir).is_dir():
-                    write_status(
-                        Path(self.config.output_dir),
-                        state="failed",
-                        step=-1,
-                        total_steps=-1,
-                        message=f"{type(error).__name__}: {error}",
-                    )
-                raise
-        finally:
-            cleanup_distributed(context)
-
-
-class _Run:
-    """The state of one execution of a run (set up in ``__init__``, driven by ``execute``)."""
-
-    def __init__(
-        self,
-        config: TrainConfig,
         context: DistributedContext,
         checkpoint: CheckpointInfo | None,
-        stop_event: threading.Event,
-        on_record: Callable[[Record], None] | None,
+        stop_event: threading.Event | None = None,
+        on_record: Callable[[Record], None] | None = None,
+        data: PreparedData | None = None,
     ) -> None:
         self.context = context
-        self.stop_event = stop_event
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
         self.on_record = on_record
         self.output_dir = Path(config.output_dir)
-        self.data = prepare_run_data(config, context)
+        if data is not None:
+            check_prepared_data(data, config)
+        self.data = data if data is not None else prepare_run_data(config, context)
         self.train_split = self.data.split("train")
         self.validation_split = self.data.splits.get("validation")
         model, default_size = build_run_model(config, self.data.class_names, resuming=checkpoint is not None)
         # Built from the shared seed (same weights everywhere); from here on each process draws its own numbers.
         seed_everything(config.seed + context.rank)
-        if config.image_size is None:
-            config = config.with_overrides(image_size=default_size or 800)
-        if config.max_size is None:
-            config = config.with_overrides(max_size=round(config.image_size * 1333 / 800))
+        image_size = config.image_size or default_size or 800
+        max_size = config.max_size or round(image_size * 1333 / 800)
+        if (config.image_size, config.max_size) != (image_size, max_size):
+            config = config.with_overrides(image_size=image_size, max_size=max_size)
         self.config = config
         self.metrics = MetricsLog(self.output_dir / METRICS)
         if context.is_main:
@@ -213,8 +141,8 @@ class _Run:
         self.precision = resolve_precision(config.precision, self.device, training=True)
         self.model = model.to(self.device)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.processor = make_processor(config.image_size, config.max_size)
-        self.augment = AugmentConfig(image_size=config.image_size, max_size=config.max_size, mode=config.augment)
+        self.processor = make_processor(image_size, max_size)
+        self.augment = AugmentConfig(image_size=image_size, max_size=max_size, mode=config.augment)
 
         per_epoch = batches_per_epoch(len(self.train_split), config.batch_size, context.world_size)
         self.steps_per_epoch = per_epoch // config.grad_accum_steps
@@ -238,7 +166,7 @@ class _Run:
             self._restore(checkpoint)
         elif context.is_main and config.resume:
             self.metrics.truncate_after(0)
-        self.ddp_model = self.model
+        self.ddp_model: torch.nn.Module = self.model
         if context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
@@ -371,7 +299,7 @@ class _Run:
     def evaluate(self, split: DetectionSplit) -> CocoMetrics:
         """COCO metrics of the current (or EMA) weights on ``split``, sharded across processes."""
         return evaluate_model(
-            model=self.ema.shadow if self.ema is not None else self.model,
+            model=self._output_model(),
             split=split,
             class_names=self.data.class_names,
             processor=self.processor,
@@ -426,7 +354,12 @@ class _Run:
         )
         return iter(loader)
 
-    def execute(self) -> RunResult:
+    def request_stop(self) -> None:
+        """Stop before the next step, saving a checkpoint (as setting ``stop_event`` does)."""
+        self.stop_event.set()
+
+    def run(self) -> RunResult:
+        """Train to the end, a stop or a divergence; failures raise."""
         config = self.config
         self._status("running")
         progress = tqdm(
@@ -517,13 +450,15 @@ class _Run:
         if self.step != self.last_saved_step:
             self._save()
         if self.context.is_main:
-            export_model(self._export_model(), self.processor, self.output_dir / MODEL_DIR)
+            export_model(self._output_model(), self.processor, self.output_dir / MODEL_DIR)
             plot_run(self.output_dir)
         self._emit({"type": "status", "state": "finished", "step": self.step, "time": time.time()})
         message = f"finished {self.step} steps; model saved to {self.output_dir / MODEL_DIR}"
         self._status("finished", message)
         return RunResult("finished", self.step, self.total_steps, self.output_dir, metrics, message)
 
-    def _export_model(self) -> DeformableDetrForObjectDetection:
-        model = self.ema.shadow if self.ema is not None else self.model
-        return model
+    def _output_model(self) -> DeformableDetrForObjectDetection:
+        """The weights to evaluate and export: the EMA's when there is one (a copy of the same model)."""
+        if self.ema is None:
+            return self.model
+        return cast(DeformableDetrForObjectDetection, self.ema.shadow)
