@@ -26,8 +26,10 @@ from benchmarks.model_pairs import build_pair
 from benchmarks.workloads import forward_workload, random_batch, training_workload
 from ddetr.model.deformable_attention import sampling_locations
 from ddetr.ops import ms_deform_attn
+from ddetr.pipeline import ObjectDetectionPipeline
 from ddetr.processing import DeformableDetrImageProcessorFast, post_process_object_detection
 from ddetr.runtime.allocator import keep_freed_memory
+from ddetr.runtime.precision import BF16
 
 CORRECTNESS_TOLERANCE = 1e-4
 
@@ -67,10 +69,6 @@ def photos(count: int, height: int, width: int) -> list[Image.Image]:
         coarse = rng.integers(0, 255, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
         images.append(Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR))
     return images
-
-
-def bf16_context(device: torch.device) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class Report:
@@ -139,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if "bf16" not in args.skip:
 
             def run_ours_bf16() -> Any:
-                with bf16_context(device):
+                with BF16.autocast(device):
                     return run_ours()
 
             candidates["ours bf16"] = run_ours_bf16
@@ -201,11 +199,11 @@ def end_to_end(report: Report, ours: Any, theirs: Any, device: torch.device, rep
 
         their_processor = transformers.DeformableDetrImageProcessorPil(size=size)
 
+    # Ours through the pipeline's batched path: load, preprocess, forward, post-process, clamp, name the labels.
+    detector = ObjectDetectionPipeline(model=ours, processor=processor, precision="fp32")
+
     def ours_on(batch: list[Image.Image]) -> Any:
-        with torch.inference_mode():
-            inputs = processor(batch, device=device)
-            outputs = ours(inputs["pixel_values"], inputs["pixel_mask"])
-            return post_process_object_detection(outputs, 0.3, target_sizes=[im.size[::-1] for im in batch])
+        return [found.detections(0.3, 100) for found in detector.candidates(batch, top_k=100)]
 
     def theirs_on(batch: list[Image.Image]) -> Any:
         with torch.inference_mode():

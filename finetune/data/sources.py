@@ -246,10 +246,11 @@ class HFRecordSource:
         object_fields = _objects_feature(features)
         if "bbox" not in object_fields:
             raise ValueError(f"split {name!r}: 'objects' has no 'bbox' field (fields: {list(object_fields)})")
-        self.category_key = next((key for key in _CATEGORY_KEYS if key in object_fields), None)
-        if self.category_key is None:
+        category_key = next((key for key in _CATEGORY_KEYS if key in object_fields), None)
+        if category_key is None:
             raise ValueError(f"split {name!r}: 'objects' has no category field (fields: {list(object_fields)})")
-        self._category_feature = object_fields[self.category_key]
+        self.category_key: str = category_key
+        self._category_feature = object_fields[category_key]
         self.dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
 
     def class_names(self) -> list[str] | None:

@@ -95,7 +95,8 @@ class CocoMetrics:
 
 
 def ground_truth(samples: list[Sample], class_names: list[str]) -> COCO:
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for position, sample in enumerate(samples):
         images.append({"id": position + 1, "width": sample.width, "height": sample.height})
         for box, label in zip(sample.boxes, sample.labels):

@@ -37,8 +37,8 @@ class ModelEma:
                 averaged.lerp_(current.detach(), 1 - decay)
             else:
                 averaged.copy_(current)
-        for (_, averaged), (_, current) in zip(self.shadow.named_buffers(), model.named_buffers()):
-            averaged.copy_(current)
+        for (_, averaged_buffer), (_, current_buffer) in zip(self.shadow.named_buffers(), model.named_buffers()):
+            averaged_buffer.copy_(current_buffer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": self.shadow.state_dict(), "updates": self.updates, "decay": self.decay}

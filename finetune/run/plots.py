@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import PIL.Image
@@ -42,7 +42,7 @@ def _label(value: float) -> str:
     return f"{value:g}"
 
 
-def draw_line_chart(series: dict[str, Series], path: Path, *, title: str, x_label: str, y_label: str) -> Path:
+def draw_line_chart(series: Mapping[str, Series], path: Path, *, title: str, x_label: str, y_label: str) -> Path:
     """Write a PNG with one line per named series (points sorted by x; non-finite points skipped)."""
     font = PIL.ImageFont.load_default(size=13)
     image = PIL.Image.new("RGB", (_WIDTH, _HEIGHT), "white")
