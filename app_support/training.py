@@ -70,9 +70,10 @@ def training_config(*, dataset: str, model: str, output_dir: Path, **settings: A
     return APP_TRAINING_DEFAULTS.with_overrides(dataset=dataset, model=model, output_dir=str(output_dir), **settings)
 
 
-def prepare_for_app(source: str, description: str) -> PreparedData:
-    """Open and validate ``source`` as the app's runs will train on it; ValueError if nothing is left to train on."""
-    prepared = prepare_dataset(APP_TRAINING_DEFAULTS.with_overrides(dataset=source))
+def prepare_for_app(config: TrainConfig, description: str) -> PreparedData:
+    """Open and validate ``config.dataset`` as a run of ``config`` will train on it (``prepare_dataset``);
+    ValueError if nothing is left to train on."""
+    prepared = prepare_dataset(config)
     if "train" not in prepared.splits or len(prepared.splits["train"]) == 0:
         raise ValueError(f"{description} has no usable training images:\n{format_reports(prepared.reports)}")
     return prepared
@@ -166,7 +167,7 @@ class TrainingJobs:
 
     def check_dataset(self, dataset_source: str, description: str) -> DataPreview:
         """Validate the dataset as a Start would, show it, and keep it for the next Start on the same dataset."""
-        prepared = prepare_for_app(dataset_source, description)
+        prepared = prepare_for_app(APP_TRAINING_DEFAULTS.with_overrides(dataset=dataset_source), description)
         with self._lock:
             self._checked = prepared
         return preview_dataset(prepared, description)
@@ -187,7 +188,7 @@ class TrainingJobs:
             config = training_config(
                 dataset=dataset_source, model=base_model, output_dir=self.runs_root / name, **settings
             )
-            prepared = self._take_checked(config) or prepare_for_app(dataset_source, description)
+            prepared = self._take_checked(config) or prepare_for_app(config, description)
             self._validation_images = [image for image, _ in _load_samples(prepared, "validation", PREVIEW_IMAGES)]
             self._run, self._run_name = start_run(config, data=prepared), name
             return name

@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batches must be positive")
 
     if not torch.cuda.is_available():
-        print("bench_triton: no CUDA device is available; this benchmark needs a GPU.", file=sys.stderr)
+        print("benchmarks.triton_kernels: no CUDA device is available; this benchmark needs a GPU.", file=sys.stderr)
         return 2
     if not triton_available():
-        print("bench_triton: triton is not installed (pip install triton).", file=sys.stderr)
+        print("benchmarks.triton_kernels: triton is not installed (pip install triton).", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type != "cuda":

@@ -116,9 +116,13 @@ def detect_candidates(
     """
     if len(image_sizes) != pixel_values.shape[0]:
         raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {pixel_values.shape[0]} images")
+    if pixel_values.shape[0] == 0:
+        return []
     with precision.autocast(pixel_values.device):
         outputs = model(pixel_values, pixel_mask)
-    results = post_process_object_detection(outputs, threshold=0.0, target_sizes=list(image_sizes), top_k=top_k)
+    # Pixel coordinates need float32 whatever the model computed in (bf16 steps by 8 above 1024).
+    scored = {"logits": outputs.logits.float(), "pred_boxes": outputs.pred_boxes.float()}
+    results = post_process_object_detection(scored, threshold=0.0, target_sizes=list(image_sizes), top_k=top_k)
     id2label = model.config.id2label
     candidates = []
     for result, (height, width), input_size in zip(results, image_sizes, _unpadded_sizes(pixel_mask)):

@@ -147,6 +147,10 @@ def test_candidates_are_the_pipeline_results_and_clamped(tiny_model_dir: Path, s
     assert candidates.detections(0.0, 7) == detector(str(shapes_image), threshold=0.0, top_k=7)
     with pytest.raises(ValueError, match="image sizes"):
         detect_candidates(detector.model, inputs["pixel_values"], inputs["pixel_mask"], image_sizes=[], precision=FP32)
+    empty = inputs["pixel_values"][:0], inputs["pixel_mask"][:0]
+    assert detect_candidates(detector.model, *empty, image_sizes=[], precision=FP32) == []
+    with pytest.raises(ValueError, match="at least one image"):
+        detector.candidates([])
 
 
 # -- fused paths and module calls --------------------------------------------------------------------------------- #

@@ -590,7 +590,7 @@ def ms_deform_attn_cpu(
     kernel_missing = _load_attempted and _kernels is None
     if backend == "auto" and kernel_missing and _needs_grad(value, sampling_locations, attention_weights):
         # Without the compiled kernel, training is faster on the grid_sample reference: embedding_bag's backward
-        # sorts all corner indices and loses to grid_sample's fused backward (see bench_msda).
+        # sorts all corner indices and loses to grid_sample's fused backward (see benchmarks/msda.py).
         output = ms_deform_attn_reference(value.to(compute_dtype), shapes, sampling_locations, attention_weights)
     elif backend == "torch" or (backend == "auto" and kernel_missing):
         output = _torch_msda(value, flat_shapes, sampling_locations, attention_weights)
