@@ -27,6 +27,7 @@ import torch
 from PIL import features
 
 import ddetr
+import finetune.data.prepare as prepare_module
 
 
 @pytest.fixture(scope="module")
@@ -558,3 +559,17 @@ def image_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (directory / entry.name).write_bytes(data)
     (directory / "a_directory.png").mkdir()
     return directory
+
+
+@pytest.fixture
+def validations(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The split sources validated (every image decoded) while the test runs, one entry per validation."""
+    validated: list[object] = []
+    original = prepare_module.validate_split
+
+    def counting(source, categories, *, strict=False):
+        validated.append(source)
+        return original(source, categories, strict=strict)
+
+    monkeypatch.setattr(prepare_module, "validate_split", counting)
+    return validated

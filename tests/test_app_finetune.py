@@ -15,7 +15,6 @@ import PIL.Image
 import pytest
 
 import ddetr
-import finetune.data.prepare as prepare_module
 from app_support.dataset_sources import DatasetChoiceError, hub_choice, resolve_dataset, shapes_choice
 from app_support.downloads import DownloadFolder
 from app_support.finetune_tab import FinetuneTab, loss_frame, map_frame, metrics_rows
@@ -180,20 +179,6 @@ def test_one_job_stop_within_a_step_resume_and_use_in_detect(tab: FinetuneTab):
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoModelForObjectDetection.from_pretrained(folder)
     assert reference.config.id2label == {int(k): v for k, v in detector.model.config.id2label.items()}
-
-
-@pytest.fixture
-def validations(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """The split sources validated (every image decoded) while the test runs, one entry per validation."""
-    validated: list[object] = []
-    original = prepare_module.validate_split
-
-    def counting(source, categories, *, strict=False):
-        validated.append(source)
-        return original(source, categories, strict=strict)
-
-    monkeypatch.setattr(prepare_module, "validate_split", counting)
-    return validated
 
 
 def test_a_dataset_is_validated_once_per_start(tab: FinetuneTab, validations: list):

@@ -9,7 +9,6 @@ from pathlib import Path
 import datasets
 import pytest
 
-import finetune.data.prepare as prepare_module
 from finetune import cli
 from finetune.api import prepare_dataset, start_run
 from finetune.config import TrainConfig
@@ -26,20 +25,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"train": make_shapes_dataset(4, seed=41, image_size=64), "validation": make_shapes_dataset(2, seed=42)}
     ).save_to_disk(folder)
     return folder
-
-
-@pytest.fixture
-def validations(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """The split sources validated (every image decoded) while the test runs, one entry per validation."""
-    validated: list[object] = []
-    original = prepare_module.validate_split
-
-    def counting(source, categories, *, strict=False):
-        validated.append(source)
-        return original(source, categories, strict=strict)
-
-    monkeypatch.setattr(prepare_module, "validate_split", counting)
-    return validated
 
 
 def _config(data_dir: Path, output: Path, **overrides: object) -> TrainConfig:
