@@ -69,7 +69,7 @@ class MultiscaleDeformableAttention(nn.Module):
         """
         batch, queries, _ = query.shape
         sequence = value.shape[1]
-        if sum(h * w for h, w in spatial_shapes) != sequence:
+        if not torch.jit.is_tracing() and sum(h * w for h, w in spatial_shapes) != sequence:
             raise ValueError(f"spatial_shapes {list(spatial_shapes)} do not cover the value sequence of {sequence}")
         value = self.value_proj(value)
         if value_mask is not None:
@@ -103,8 +103,13 @@ class MultiscaleDeformableAttention(nn.Module):
         dtype = torch.promote_types(projection.weight.dtype, torch.float32)
         if reference_points.shape[-1] == 2:
             # (levels, 2): 1 / (width, height) of each level
-            inverse_sizes = [[1.0 / w, 1.0 / h] for h, w in spatial_shapes]
-            level_scale = torch.tensor(inverse_sizes, dtype=dtype, device=query.device)
+            if torch.jit.is_tracing():
+                # Traced sizes are tensors: keep them in the graph (ONNX export at any image size).
+                sizes = torch.stack([torch.stack([w, h]) for h, w in spatial_shapes]).to(dtype)  # type: ignore[list-item]
+                level_scale = 1.0 / sizes
+            else:
+                inverse_sizes = [[1.0 / w, 1.0 / h] for h, w in spatial_shapes]
+                level_scale = torch.tensor(inverse_sizes, dtype=dtype, device=query.device)
         elif reference_points.shape[-1] == 4:
             level_scale = torch.full((self.levels, 2), 0.5 / self.points, dtype=dtype, device=query.device)
         else:

@@ -13,7 +13,7 @@ from ddetr.model.configuration import DeformableDetrConfig
 from ddetr.model.decoder import DeformableDecoder, DeformableDecoderLayer
 from ddetr.model.deformable_attention import MultiscaleDeformableAttention
 from ddetr.model.encoder import DeformableEncoder, DeformableEncoderLayer
-from ddetr.model.geometry import EncoderGeometry, GeometryCache, encoder_geometry
+from ddetr.model.geometry import EncoderGeometry, GeometryCache, encoder_geometry, spatial_size
 from ddetr.model.heads import build_box_heads, build_class_heads
 from ddetr.model.outputs import DeformableDetrModelOutput
 from ddetr.model.position_encoding import LearnedPositionEmbedding, SinePositionEmbedding
@@ -205,12 +205,13 @@ class DeformableDetrModel(PretrainedMixin, nn.Module):
             )
         sources, masks = self._multi_scale_sources(pixel_values, pixel_mask)
 
-        spatial_shapes = [(int(source.shape[-2]), int(source.shape[-1])) for source in sources]
+        spatial_shapes = [spatial_size(source) for source in sources]
         # (batch, sequence, d_model)
         source_flat = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], 1)
         # (batch, sequence)
         mask_flat = torch.cat([mask.flatten(1) for mask in masks], 1)
-        padded = torch.compiler.is_compiling() or not bool(mask_flat.all())
+        # A compiled or traced graph must not depend on this input's padding: it takes the general path.
+        padded = torch.compiler.is_compiling() or torch.jit.is_tracing() or not bool(mask_flat.all())
         geometry = self._encoder_geometry(masks, spatial_shapes, padded, source_flat.dtype)
         valid_ratios = geometry.valid_ratios
         # (sequence, d_model): the embedding of each token's level

@@ -31,6 +31,15 @@ class EncoderGeometry:
         )
 
 
+def spatial_size(feature: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of a (..., height, width) map as Python ints; under tracing (ONNX export) the traced sizes,
+    so that the exported graph computes them from its input instead of baking in the traced image's size."""
+    height, width = feature.shape[-2], feature.shape[-1]
+    if torch.jit.is_tracing():
+        return height, width
+    return int(height), int(width)
+
+
 def valid_ratio(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(batch, height, width) validity mask to (batch, 2) as (valid width / width, valid height / height)."""
     _, height, width = mask.shape
@@ -43,7 +52,7 @@ def encoder_geometry(
     masks: Sequence[torch.Tensor], position_embedding: nn.Module, dtype: torch.dtype
 ) -> EncoderGeometry:
     """Computed from the per-level (batch, height, width) validity masks."""
-    spatial_shapes = [(int(mask.shape[-2]), int(mask.shape[-1])) for mask in masks]
+    spatial_shapes = [spatial_size(mask) for mask in masks]
     positions = torch.cat([position_embedding(mask, dtype).flatten(2).transpose(1, 2) for mask in masks], 1)
     valid_ratios = torch.stack([valid_ratio(mask, dtype) for mask in masks], 1)
     return EncoderGeometry(

@@ -47,7 +47,8 @@ def onednn_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _onednn_dtype(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, training: bool
 ) -> torch.dtype | None:
-    if not _HAS_ONEDNN_LINEAR or x.device.type != "cpu" or torch.compiler.is_compiling():
+    # Traced (ONNX export) and compiled graphs take F.linear: the oneDNN op has no export or decomposition.
+    if not _HAS_ONEDNN_LINEAR or x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
     dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if training:

@@ -45,7 +45,8 @@ def ms_deform_attn_reference(
     attention_weights = attention_weights.to(compute_dtype)
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes]
+    # Traced sizes (ONNX export) stay tensors so the graph splits by its input's size.
+    sizes = [h * w if torch.jit.is_tracing() else int(h) * int(w) for h, w in spatial_shapes]
     value_per_level = value.split(sizes, dim=1)
     # grid_sample wants coordinates in [-1, 1].
     grids = 2.0 * sampling_locations - 1.0
@@ -115,7 +116,8 @@ def register_implementation(device_type: str, function: MSDAFunction) -> None:
 def select_implementation(device: torch.device | str, implementation: str = "auto") -> MSDAFunction:
     """Return the implementation for ``device``: ``"auto"`` picks the registered fast path, ``"reference"`` the
     oracle."""
-    if implementation == "reference":
+    if implementation == "reference" or torch.jit.is_tracing():
+        # Only the reference is made of standard ops that a traced graph (ONNX) can hold.
         return ms_deform_attn_reference
     if implementation != "auto":
         raise ValueError(f"unknown deformable-attention implementation {implementation!r}; use 'auto' or 'reference'")
