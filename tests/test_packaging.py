@@ -30,7 +30,11 @@ KERNEL_SOURCE = "ddetr/ops/ms_deform_attn_cpu.cpp"
 NOT_SHIPPED_PREFIXES = ("tests/", "benchmarks/", "app_support/", "examples/", "models/", "outputs/", "runs/")
 NOT_SHIPPED_FILES = ("app.py", "ddetr/bench.py", "requirements.txt", "requirements-dev.txt")
 CORE_REQUIREMENTS = ("torch", "numpy", "pillow", "scipy", "safetensors", "huggingface-hub")
-EXTRA_REQUIREMENTS = {"train": ("datasets", "pycocotools", "tqdm"), "app": ("ddetr", "gradio", "pandas")}
+EXTRA_REQUIREMENTS = {
+    "train": ("datasets", "pycocotools", "tqdm"),
+    "app": ("ddetr", "gradio", "pandas"),
+    "export": ("onnx", "onnxruntime"),
+}
 BUILD_TIMEOUT_S = 300
 INSTALL_TIMEOUT_S = 300
 DETECT_TIMEOUT_S = 900
@@ -90,7 +94,12 @@ def test_wheel_ships_the_kernel_source_and_the_bundled_model(wheel_names: list[s
     assert not [name for name in names if name.startswith(f"{BUNDLED}/") and name.endswith((".png", ".jsonl", ".sh"))]
     # Every Python module of both packages is there.
     assert "ddetr/__init__.py" in names and "finetune/__init__.py" in names
-    for module in ("ddetr/ops/ms_deform_attn_cpu.py", "ddetr/checkpoint/default_model.py", "finetune/cli.py"):
+    for module in (
+        "ddetr/ops/ms_deform_attn_cpu.py",
+        "ddetr/checkpoint/default_model.py",
+        "ddetr/export/__main__.py",
+        "finetune/cli.py",
+    ):
         assert module in names
 
 
