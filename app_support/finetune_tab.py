@@ -3,13 +3,20 @@
 Progress is polled (``gr.Timer``) from the server's single job rather than streamed to the page that started it,
 so a reload, or a second visitor, sees the same running job. Each poll sends only what changed since the page's
 last poll (``gr.skip()`` for the rest), so an idle page costs almost nothing.
+
+A finished run's model downloads as a zip of its folder (``ddetr-<run>.zip``) and, on request, as ONNX
+(``<run>-onnx.zip``: model.onnx, config.json, preprocessor_config.json). The ONNX export runs in the request that
+asks for it, once per run: one lock serialises exports, and later requests get the cached zip.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import tempfile
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -25,10 +32,11 @@ from app_support.dataset_sources import (
 )
 from app_support.downloads import DownloadFolder
 from app_support.drawing import draw_detections
-from app_support.errors import user_errors
+from app_support.errors import UserFacingError, user_errors
 from app_support.model_choices import ModelRegistry
 from app_support.paths import AppPaths
 from app_support.training import APP_TRAINING_DEFAULTS, JobSnapshot, TrainingJobs, base_model_choices
+from ddetr.export import ExportError, export_onnx
 
 POLL_SECONDS = 2.0
 IMAGE_SIZES: tuple[tuple[str, int], ...] = (
@@ -46,6 +54,13 @@ METRIC_COLUMNS = ("step", "epoch", "map", "map_50", "map_75", "mar_100")
 # Explicit column types: the plot fixes its axis types from the first frame it gets, and an empty frame would
 # otherwise make every column "nominal" (one tick per distinct loss value, no line).
 PLOT_TYPES = {"step": "int64", "value": "float64", "series": "string"}
+ONNX_FILE = "model.onnx"
+# torch's ONNX exporter keeps its state in process-wide globals: two exports at once, from any tab, break each other.
+_ONNX_EXPORT_LOCK = threading.Lock()
+
+
+class OnnxExportFailedError(UserFacingError):
+    """A finished run's model could not be exported to ONNX; the message says why."""
 
 
 @dataclass
@@ -123,6 +138,9 @@ class FinetuneTab:
         self.downloads = downloads
         self._uploads: dict[str, Any] = {}  # upload path -> DatasetChoice, so Check then Start unpacks once
         self._zips: dict[str, str] = {}  # run name -> downloadable zip of its model
+        self._onnx_zips: dict[str, Path] = {}  # run name -> downloadable zip of its ONNX export
+        # Held while exporting and while looking up the cache, so two clicks never export the same run twice.
+        self._onnx_lock = _ONNX_EXPORT_LOCK
 
     # -- event handlers ----------------------------------------------------------------------------------------- #
 
@@ -238,6 +256,39 @@ class FinetuneTab:
         if name not in self._zips and snapshot.model_dir is not None:
             self._zips[name] = str(self.downloads.zip_directory(snapshot.model_dir, f"ddetr-{name}"))
         return self._zips.get(name)
+
+    @user_errors
+    def download_onnx(self) -> Any:
+        """Export the last job's finished model to ONNX (once per run) and offer the zip of it and its JSON files."""
+        snapshot = self.jobs.snapshot()
+        if snapshot.state != "finished" or snapshot.run_name is None or snapshot.model_dir is None:
+            raise ValueError("the last training job has not finished, so it has no model to export to ONNX yet")
+        return gr.update(value=str(self._onnx_zip(snapshot.run_name, snapshot.model_dir)), visible=True)
+
+    def _onnx_zip(self, name: str, model_dir: Path) -> Path:
+        with self._onnx_lock:
+            cached = self._onnx_zips.get(name)
+            if cached is not None and cached.is_file():  # the download folder may have pruned it: export again
+                return cached
+            with tempfile.TemporaryDirectory(dir=self.paths.scratch("onnx-export")) as directory:
+                try:
+                    export_onnx(model_dir, Path(directory) / ONNX_FILE)
+                except ExportError as error:
+                    message = self.paths.redact(str(error))
+                    raise OnnxExportFailedError(f"the model of run {name} could not be exported: {message}") from error
+                except ImportError as error:  # onnx is an optional dependency of ddetr
+                    raise OnnxExportFailedError(
+                        "ONNX export is not available on this server: it needs the onnx package "
+                        '(pip install "ddetr[export]")'
+                    ) from error
+                zipped = self.downloads.zip_directory(Path(directory), f"{name}-onnx")
+            self._onnx_zips[name] = zipped
+            return zipped
+
+    def onnx_controls(self, model_zip: Any) -> tuple[Any, Any]:
+        """When the model download changes: "Download ONNX" works only while there is a model, and an earlier
+        run's ONNX zip is hidden."""
+        return gr.update(interactive=bool(model_zip)), gr.update(value=None, visible=False)
 
     @user_errors
     def use_in_detect(self) -> tuple[Any, Any]:
@@ -370,6 +421,13 @@ class FinetuneTab:
             download = gr.File(
                 label="Trained model (zip: loads with ddetr and transformers)", interactive=False, visible=False
             )
+            onnx = gr.Button("Download ONNX", interactive=False, elem_id="download-onnx")
+            onnx_file = gr.File(
+                label="ONNX model (zip: model.onnx, config.json, preprocessor_config.json)",
+                interactive=False,
+                visible=False,
+                elem_id="download-onnx-file",
+            )
         version = gr.State(None)
 
         groups = {"shapes": shapes_group, "hub": hub_group, "folder": folder_group, "upload": upload_group}
@@ -390,6 +448,19 @@ class FinetuneTab:
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(self.refresh, version, poll_outputs, show_progress="hidden", queue=False, **private)
         use.click(self.use_in_detect, None, [detect_model, tabs], **private, api_name="ui_use_in_detect")
+        # The poll sets the model download when a job finishes (or a new one starts); the ONNX controls follow it.
+        download.change(
+            self.onnx_controls, download, [onnx, onnx_file], queue=False, **private, api_name="ui_onnx_controls"
+        )
+        onnx.click(
+            self.download_onnx,
+            None,
+            onnx_file,
+            concurrency_id="finetune_onnx",
+            concurrency_limit=1,
+            **private,
+            api_name="ui_download_onnx",
+        )
 
         with gr.Row(visible=False):
             status_json = gr.JSON(label="status")

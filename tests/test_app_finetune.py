@@ -5,15 +5,19 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import threading
 import time
 import zipfile
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import PIL.Image
 import pytest
+import torch
 
+import app_support.finetune_tab as finetune_tab_module
 import ddetr
 from app_support.dataset_sources import DatasetChoiceError, hub_choice, resolve_dataset, shapes_choice
 from app_support.downloads import DownloadFolder
@@ -21,6 +25,7 @@ from app_support.finetune_tab import FinetuneTab, loss_frame, map_frame, metrics
 from app_support.model_choices import ModelRegistry
 from app_support.paths import AppPaths, PathNotAllowedError
 from app_support.training import APP_OVERRIDES, APP_TRAINING_DEFAULTS, JobBusyError, TrainingJobs
+from ddetr.export import ExportError, export_onnx
 from finetune.config import TrainConfig
 
 TINY_SHAPES = {"kind": "shapes", "shapes_train": 16, "shapes_validation": 4, "shapes_size": 128}
@@ -272,3 +277,101 @@ def test_metric_frames_have_fixed_types():
     assert str(losses["value"].dtype) == "float64" and str(loss_frame([])["value"].dtype) == "float64"
     assert map_frame(records)["value"].tolist() == [0.25, 0.5, 0.0]
     assert metrics_rows(records) == [[1, 1.0, 0.25, 0.5, "n/a", 0.3]]
+
+
+# -- the ONNX download ------------------------------------------------------------------------------------------ #
+
+
+def test_download_onnx_needs_a_finished_job(tab: FinetuneTab):
+    with pytest.raises(gr.Error, match="has not finished"):
+        tab.download_onnx()
+    # The button follows the model download that the poll sets: enabled with a model, and an old ONNX zip hidden.
+    button, onnx_file = tab.onnx_controls(None)
+    assert button["interactive"] is False and onnx_file["visible"] is False and onnx_file["value"] is None
+    assert tab.onnx_controls("ddetr-run.zip")[0]["interactive"] is True
+    with gr.Blocks() as demo, gr.Tabs() as tabs:
+        with gr.Tab("Detect", id="detect"):
+            detect_model = gr.Dropdown([], label="Model")
+        with gr.Tab("Fine-tune", id="finetune"):
+            tab.build(detect_model=detect_model, tabs=tabs)
+    buttons = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "download-onnx"]
+    assert len(buttons) == 1 and buttons[0].value == "Download ONNX" and buttons[0].interactive is False
+
+
+def test_download_onnx_exports_a_finished_run_once_and_matches_pytorch(
+    tab: FinetuneTab, monkeypatch: pytest.MonkeyPatch
+):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    run = tab.start(*start_args(max_steps=1))
+    tab.jobs.wait(120)
+    snapshot = tab.jobs.snapshot()
+    assert snapshot.state == "finished" and snapshot.model_dir is not None
+
+    # A failed export is a message for the visitor, without server paths, and is not cached.
+    def failing(model, output, **settings):
+        raise ExportError(f"cannot load a model from {str(model)!r}")
+
+    monkeypatch.setattr(finetune_tab_module, "export_onnx", failing)
+    with pytest.raises(gr.Error, match=f"run {run} could not be exported") as failed:
+        tab.download_onnx()
+    assert str(tab.paths.runs) not in str(failed.value) and "runs/" in str(failed.value)
+
+    def without_onnx(model, output, **settings):
+        raise ModuleNotFoundError("No module named 'onnx'")
+
+    monkeypatch.setattr(finetune_tab_module, "export_onnx", without_onnx)
+    with pytest.raises(gr.Error, match="needs the onnx package"):
+        tab.download_onnx()
+
+    # Two clicks at once export once; a later click gets the same zip without exporting again.
+    exports = []
+
+    def counting(*args, **settings):
+        exports.append(args)
+        return export_onnx(*args, **settings)
+
+    monkeypatch.setattr(finetune_tab_module, "export_onnx", counting)
+    together = threading.Barrier(2)
+    results: list = [None, None]
+
+    def click(index: int) -> None:
+        together.wait()
+        try:
+            results[index] = tab.download_onnx()
+        except Exception as error:  # reported by the assertion below
+            results[index] = error
+
+    threads = [threading.Thread(target=click, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert all(isinstance(result, dict) and result["visible"] is True for result in results), results
+    assert results[0]["value"] == results[1]["value"] and len(exports) == 1
+    assert tab.download_onnx()["value"] == results[0]["value"] and len(exports) == 1
+
+    zipped = Path(results[0]["value"])
+    assert zipped.name == f"{run}-onnx.zip"
+    with zipfile.ZipFile(zipped) as archive:
+        names = ["config.json", "model.onnx", "preprocessor_config.json"]
+        assert sorted(archive.namelist()) == [f"{run}-onnx/{name}" for name in names]
+        archive.extractall(tab.paths.work / "unzipped")
+    folder = tab.paths.work / "unzipped" / f"{run}-onnx"
+    model = ddetr.DeformableDetrForObjectDetection.from_pretrained(snapshot.model_dir).eval()
+    assert json.loads((folder / "config.json").read_text())["id2label"] == {
+        str(index): name for index, name in model.config.id2label.items()
+    }
+
+    # The exported file gives the PyTorch model's logits, at a size it was not traced at and with padding.
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(2, 3, 64, 96, generator=generator)
+    pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)
+    pixel_mask[1, 48:, :] = 0
+    pixel_mask[1, :, 72:] = 0
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, pixel_mask=pixel_mask).logits.numpy()
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()})
+    assert logits.shape == expected.shape
+    assert np.abs(logits - expected).max() < 1e-4
