@@ -6,7 +6,8 @@ last poll (``gr.skip()`` for the rest), so an idle page costs almost nothing.
 
 A finished run's model downloads as a zip of its folder (``ddetr-<run>.zip``) and, on request, as ONNX
 (``<run>-onnx.zip``: model.onnx, config.json, preprocessor_config.json). The ONNX export runs in the request that
-asks for it, once per run: one lock serialises exports, and later requests get the cached zip.
+asks for it, once per run: a lock makes the cache lookup and the export one step, and later requests get the
+cached zip.
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ METRIC_COLUMNS = ("step", "epoch", "map", "map_50", "map_75", "mar_100")
 # otherwise make every column "nominal" (one tick per distinct loss value, no line).
 PLOT_TYPES = {"step": "int64", "value": "float64", "series": "string"}
 ONNX_FILE = "model.onnx"
-# torch's ONNX exporter keeps its state in process-wide globals: two exports at once, from any tab, break each other.
-_ONNX_EXPORT_LOCK = threading.Lock()
 
 
 class OnnxExportFailedError(UserFacingError):
@@ -140,7 +139,7 @@ class FinetuneTab:
         self._zips: dict[str, str] = {}  # run name -> downloadable zip of its model
         self._onnx_zips: dict[str, Path] = {}  # run name -> downloadable zip of its ONNX export
         # Held while exporting and while looking up the cache, so two clicks never export the same run twice.
-        self._onnx_lock = _ONNX_EXPORT_LOCK
+        self._onnx_lock = threading.Lock()
 
     # -- event handlers ----------------------------------------------------------------------------------------- #
 

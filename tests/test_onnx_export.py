@@ -161,3 +161,24 @@ def test_a_paper_sized_model_exports_with_parity(tmp_path: Path) -> None:
     logits, boxes = run_onnx(result.path, pixel_values, pixel_mask)
     np.testing.assert_allclose(logits, expected.logits.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(boxes, expected.pred_boxes.numpy(), atol=1e-4, rtol=0)
+
+
+def test_exports_from_two_threads_at_once_both_succeed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # torch's exporter state is process-wide: a web app's concurrent requests must not break each other.
+    import threading
+
+    results: dict[str, object] = {}
+
+    def export(name: str) -> None:
+        try:
+            results[name] = export_onnx(tiny_model_dir, tmp_path / name / "model.onnx")
+        except Exception as error:  # recorded for the assertion below
+            results[name] = error
+
+    threads = [threading.Thread(target=export, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert all(isinstance(result, OnnxExport) for result in results.values()), results
+    assert len(results) == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ INPUT_NAMES = ("pixel_values", "pixel_mask")
 OUTPUT_NAMES = ("logits", "pred_boxes")
 # The traced example's size: any size works afterwards; a small one keeps the trace fast.
 _TRACE_SIZE = (256, 320)
+# torch's ONNX exporter keeps its state in process-wide globals: two exports at once (two requests of a web app)
+# break each other ("GLOBALS.in_onnx_export must be False").
+_EXPORTER_LOCK = threading.Lock()
 
 
 class ExportError(ValueError):
@@ -145,7 +149,7 @@ def export_onnx(
     was_training = loaded.training
     traced = output.with_name(f".{output.name}.trace-{os.getpid()}")
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with _EXPORTER_LOCK, warnings.catch_warnings(), torch.no_grad():
             # The TorchScript exporter is deprecated in favour of dynamo, which cannot keep these sizes dynamic;
             # its tracer warnings name Python-side checks that the graph does not need.
             warnings.simplefilter("ignore", category=DeprecationWarning)
