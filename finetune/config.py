@@ -24,9 +24,7 @@ class TrainConfig:
     """A training run. Defaults follow the paper's recipe (AdamW 2e-4, backbone 2e-5, weight decay 1e-4, gradient
     clipping 0.1, LR x0.1 after 80% of training, auxiliary losses); sizes fit a CPU unless a preset says more.
 
-    ``lr_backbone`` None means ``lr / 10`` (the paper's ratio): it is filled in on construction, and
-    ``with_overrides(lr=...)`` derives it again from the new ``lr`` unless it was given explicitly. Saved settings
-    hold the number, so a saved run resumes with exactly the rate it trained with.
+    ``lr_backbone`` None means ``lr / 10`` (the paper's ratio); ``backbone_lr`` is the rate in use either way.
 
     ``max_steps`` (optimizer steps) overrides ``epochs`` when set. ``save_every`` is in optimizer steps,
     ``eval_every`` in epochs (0: only at the end). ``image_size`` is the short side at evaluation; ``None`` takes the
@@ -74,11 +72,12 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        # Remembered (not a field: not saved or compared) so that with_overrides can derive it again.
-        self._lr_backbone_derived = self.lr_backbone is None
-        if self.lr_backbone is None and isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool):
-            self.lr_backbone = self.lr / BACKBONE_LR_DIVISOR
         self.validate()
+
+    @property
+    def backbone_lr(self) -> float:
+        """The backbone's learning rate: ``lr_backbone``, or ``lr / 10`` when that is None."""
+        return self.lr / BACKBONE_LR_DIVISOR if self.lr_backbone is None else self.lr_backbone
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -108,6 +107,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         for name in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_grad_norm"):
             value = getattr(self, name)
+            if name == "lr_backbone" and value is None:
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0:
@@ -153,9 +154,6 @@ class TrainConfig:
             raise ValueError(f"cannot read the run's settings {path}: {error}") from None
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
-        """A copy with ``overrides``; a derived ``lr_backbone`` (``lr / 10``) follows an overridden ``lr``."""
         values = self.to_dict()
-        if self._lr_backbone_derived:
-            values["lr_backbone"] = None
         values.update(overrides)
         return TrainConfig.from_dict(values)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
@@ -39,8 +38,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     groups = parameter_groups(
         model,
         lr=config.lr,
-        # TrainConfig fills a None lr_backbone in on construction (lr / 10).
-        lr_backbone=cast(float, config.lr_backbone),
+        lr_backbone=config.backbone_lr,
         lr_linear_proj_mult=config.lr_linear_proj_mult,
         weight_decay=config.weight_decay,
     )
