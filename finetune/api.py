@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import RESUMABLE_OVERRIDES, TrainConfig
-from finetune.data.prepare import PreparedData, prepare_data
+from finetune.data.prepare import PreparedData, prepare
 from finetune.run.files import METRICS, TRAIN_CONFIG, read_status
 from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
+from finetune.run.setup import data_settings
 from finetune.run.trainer import RunResult
 
 logger = logging.getLogger(__name__)
@@ -127,9 +128,7 @@ def prepare_dataset(config: TrainConfig) -> PreparedData:
     """Open and validate ``config.dataset`` as a run of ``config`` would (its ``strict``, ``seed`` and
     ``validation_fraction``): the splits, class names and validation reports, to show and then to hand to
     ``start_run(config, data=...)``."""
-    return prepare_data(
-        config.dataset, strict=config.strict, seed=config.seed, validation_fraction=config.validation_fraction
-    )
+    return prepare(data_settings(config))
 
 
 def start_run(config: TrainConfig, data: PreparedData | None = None) -> TrainingRun:

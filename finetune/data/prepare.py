@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -25,9 +25,10 @@ class DataSettings:
 
     def differences(self, other: DataSettings) -> list[str]:
         """``name: ours -> theirs`` for every setting that differs from ``other``."""
+        names = [setting.name for setting in fields(self)]
         return [
             f"{name}: {getattr(self, name)!r} -> {getattr(other, name)!r}"
-            for name in ("source", "strict", "seed", "validation_fraction")
+            for name in names
             if getattr(self, name) != getattr(other, name)
         ]
 
@@ -106,9 +107,13 @@ def prepare_data(
     source: str, *, strict: bool = False, seed: int = 0, validation_fraction: float = 0.15
 ) -> PreparedData:
     """Open ``source`` (see ``finetune.data.sources``), validate every split and assemble the splits."""
-    if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    settings = DataSettings(source=str(source), strict=strict, seed=seed, validation_fraction=validation_fraction)
-    loaded = open_dataset(source)
-    samples, reports = validate_dataset(loaded, strict=strict)
+    return prepare(DataSettings(source=str(source), strict=strict, seed=seed, validation_fraction=validation_fraction))
+
+
+def prepare(settings: DataSettings) -> PreparedData:
+    """``prepare_data`` for the source and settings in ``settings``."""
+    if not 0 <= settings.validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {settings.validation_fraction}")
+    loaded = open_dataset(settings.source)
+    samples, reports = validate_dataset(loaded, strict=settings.strict)
     return assemble(loaded, samples, settings=settings, reports=reports)
