@@ -19,7 +19,7 @@ from finetune.config import TrainConfig
 from finetune.data.prepare import PreparedData
 from finetune.run.distributed import cleanup_distributed, setup_distributed
 from finetune.run.files import write_status
-from finetune.run.setup import check_prepared_data, check_run_directory
+from finetune.run.setup import check_run_directory
 from finetune.run.trainer import Record, RunResult, Trainer
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,6 @@ def run_training(
     try:
         # Refusals here leave the folder as it is: it may hold someone else's finished run.
         checkpoint = check_run_directory(config)
-        if data is not None:
-            check_prepared_data(data, config)
         training = threading.Event()
         try:
             with stop_on_signals(stop_event, training):

@@ -354,10 +354,6 @@ class Trainer:
         )
         return iter(loader)
 
-    def request_stop(self) -> None:
-        """Stop before the next step, saving a checkpoint (as setting ``stop_event`` does)."""
-        self.stop_event.set()
-
     def run(self) -> RunResult:
         """Train to the end, a stop or a divergence; failures raise."""
         config = self.config
