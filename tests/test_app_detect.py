@@ -142,10 +142,28 @@ def test_detector_cache_loads_once_and_reports_failures(tmp_path: Path, tiny_mod
 
 
 @pytest.mark.parametrize(("threshold", "top_k"), [(0.0, 60), (0.3, 100), (0.5, 10), (0.9, 300), (1.0, 5)])
-def test_selection_matches_the_pipeline(detector, image_path: Path, threshold: float, top_k: int, tiny_classes):
+def test_selection_matches_the_post_processing(detector, image_path: Path, threshold: float, top_k: int, tiny_classes):
     (candidates,) = detector.candidates([image_path])
     assert len(candidates) == min(MAX_CANDIDATES, 20 * len(tiny_classes))
-    assert candidates.detections(threshold, top_k) == detector(str(image_path), threshold=threshold, top_k=top_k)
+    # The oracle: transformers' post-processing API on the raw outputs, clamped and rounded here.
+    picture = detector.processor.load_image(image_path)
+    inputs = detector.processor(picture)
+    with torch.no_grad():
+        outputs = detector.model(inputs["pixel_values"], inputs["pixel_mask"])
+    (result,) = detector.processor.post_process_object_detection(
+        outputs, threshold=threshold, target_sizes=[picture.size[::-1]], top_k=top_k
+    )
+    limits = (picture.width, picture.height) * 2
+    expected = [
+        {
+            "score": round(score, 4),
+            "label": tiny_classes[label],
+            "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(min(max(v, 0), m)) for v, m in zip(box, limits)))),
+        }
+        for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist())
+    ]
+    assert candidates.detections(threshold, top_k) == expected
+    assert detector(str(image_path), threshold=threshold, top_k=top_k) == expected
 
 
 def test_class_filter_and_limits(detector, image_path: Path):

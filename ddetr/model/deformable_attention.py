@@ -105,7 +105,8 @@ class MultiscaleDeformableAttention(nn.Module):
             # (levels, 2): 1 / (width, height) of each level
             if torch.jit.is_tracing():
                 # Traced sizes are tensors: keep them in the graph (ONNX export at any image size).
-                sizes = torch.stack([torch.stack([w, h]) for h, w in spatial_shapes]).to(dtype)  # type: ignore[list-item]
+                sizes = torch.stack([torch.stack([w, h]) for h, w in spatial_shapes])  # type: ignore[list-item]
+                sizes = sizes.to(device=query.device, dtype=dtype)
                 level_scale = 1.0 / sizes
             else:
                 inverse_sizes = [[1.0 / w, 1.0 / h] for h, w in spatial_shapes]
