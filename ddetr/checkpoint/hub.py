@@ -36,19 +36,6 @@ def resolve_file(
 def resolve_file(
     path_or_repo_id: str | os.PathLike,
     filename: str,
-    revision: str | None,
-    required: bool,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-) -> Path | None: ...
-
-
-@overload
-def resolve_file(
-    path_or_repo_id: str | os.PathLike,
-    filename: str,
     revision: str | None = None,
     *,
     required: bool,
