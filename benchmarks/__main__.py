@@ -24,6 +24,7 @@ from PIL import Image
 from benchmarks.measure import interleaved_times, matched_fraction, peak_memory_of
 from benchmarks.model_pairs import build_pair
 from benchmarks.workloads import forward_workload, random_batch, training_workload
+from ddetr.export.cli import parse_size
 from ddetr.model.deformable_attention import sampling_locations
 from ddetr.ops import ms_deform_attn
 from ddetr.pipeline import ObjectDetectionPipeline
@@ -39,18 +40,17 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model and images; exits 1 on a correctness failure")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, like a free Space)")
-    parser.add_argument("--size", default=None, help="inference image HxW (default 800x1066, quick 128x160)")
-    parser.add_argument("--train-size", default=None, help="training image HxW (default 512x640, quick 96x128)")
+    parser.add_argument(
+        "--size", type=parse_size, default=None, help="inference image HxW (default 800x1066, quick 128x160)"
+    )
+    parser.add_argument(
+        "--train-size", type=parse_size, default=None, help="training image HxW (default 512x640, quick 96x128)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per candidate (default 3, quick 1)")
     parser.add_argument("--variant", default="multi-scale", choices=["multi-scale", "box-refine", "two-stage"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "train", "op", "memory", "bf16"])
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser.parse_args(argv)
-
-
-def size_of(text: str) -> tuple[int, int]:
-    height, width = text.lower().split("x")
-    return int(height), int(width)
 
 
 def photos(count: int, height: int, width: int) -> list[Image.Image]:
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device is available; run with --device cpu", file=sys.stderr)
         return 2
-    height, width = size_of(args.size or ("128x160" if args.quick else "800x1066"))
-    train_height, train_width = size_of(args.train_size or ("96x128" if args.quick else "512x640"))
+    height, width = args.size or ((128, 160) if args.quick else (800, 1066))
+    train_height, train_width = args.train_size or ((96, 128) if args.quick else (512, 640))
     repeats = args.repeats or (1 if args.quick else 3)
     report = Report()
     report.results["setup"] = {

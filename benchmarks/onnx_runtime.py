@@ -35,6 +35,7 @@ from benchmarks.measure import interleaved_times
 from benchmarks.model_pairs import build_pair
 from benchmarks.workloads import forward_workload, random_batch
 from ddetr.export import export_onnx
+from ddetr.export.cli import parse_size
 from ddetr.runtime.allocator import keep_freed_memory
 from ddetr.runtime.precision import BF16, native_bf16
 
@@ -43,17 +44,6 @@ QUICK_SIZES = ("128x160", "96x128")
 # onnxruntime fuses and reorders differently from torch: float32 agreement, not bit equality, is what is checked.
 OUTPUT_TOLERANCE = 1e-3
 REFERENCES = ("ddetr fp32", "transformers fp32")
-
-
-def size_of(text: str) -> tuple[int, int]:
-    """``HEIGHTxWIDTH`` (e.g. 640x640) as two positive ints; argparse shows the error."""
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 640x640, got {text!r}") from None
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return height, width
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -67,7 +57,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sizes",
         nargs="+",
-        type=size_of,
+        type=parse_size,
         metavar="HEIGHTxWIDTH",
         help=f"image sizes (default {' '.join(DEFAULT_SIZES)}; quick {' '.join(QUICK_SIZES)})",
     )
@@ -132,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as error:
         print(f"this benchmark needs onnx and onnxruntime (pip install 'ddetr[export]'): {error}", file=sys.stderr)
         return 2
-    sizes = args.sizes or [size_of(text) for text in (QUICK_SIZES if args.quick else DEFAULT_SIZES)]
+    sizes = args.sizes or [parse_size(text) for text in (QUICK_SIZES if args.quick else DEFAULT_SIZES)]
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     kept = keep_freed_memory()  # what ddetr.pipeline does; process-wide, so every torch candidate gets it

@@ -27,7 +27,7 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 640x640, got {text!r}") from None
     if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"the static size must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
     return height, width
 
 
