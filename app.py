@@ -10,7 +10,7 @@ import argparse
 import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -20,9 +20,11 @@ from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.finetune_tab import FinetuneTab
 from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, queue_options
+from app_support.live_tab import LiveSettings, LiveTab
 from app_support.model_choices import ModelRegistry
 from app_support.paths import REPO_ROOT, AppPaths
 from app_support.training import TrainingJobs
+from app_support.video_tab import VideoSettings, VideoTab
 from ddetr.runtime.allocator import keep_freed_memory
 from ddetr.runtime.precision import PRECISIONS
 from ddetr.runtime.threads import configure_threads
@@ -40,6 +42,8 @@ class AppConfig:
     max_loaded_models: int = 2
     # "auto": bf16 where native (>= 95% of fp32's top-100 detections kept), else fp32
     precision: str = "auto"
+    live: LiveSettings = field(default_factory=LiveSettings)
+    video: VideoSettings = field(default_factory=VideoSettings)
 
 
 def example_images(paths: AppPaths) -> dict[str, list[Path]]:
@@ -60,7 +64,10 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
     registry = ModelRegistry(paths.models, cli_model=config.model, finetuned=jobs.finished_models)
     detections = DownloadFolder(paths.scratch("detections"))
     loader = functools.partial(load_detector, precision=config.precision)
-    detect_tab = DetectTab(registry, DetectorCache(max_loaded=config.max_loaded_models, loader=loader), detections)
+    detectors = DetectorCache(max_loaded=config.max_loaded_models, loader=loader)
+    detect_tab = DetectTab(registry, detectors, detections)
+    live_tab = LiveTab(registry, detectors, config.live)
+    video_tab = VideoTab(registry, detectors, DownloadFolder(paths.scratch("videos"), keep=20), config.video)
     # A folder of its own: the many small detection files must never prune away a trained model's zip.
     finetune_tab = FinetuneTab(paths, jobs, registry, DownloadFolder(paths.scratch("models"), keep=10))
 
@@ -68,7 +75,7 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
         gr.Markdown(f"# {TITLE}")
         with gr.Tabs(selected="detect") as tabs:
             with gr.Tab("Detect", id="detect"):
-                detect = detect_tab.build(example_images(paths))
+                detect = detect_tab.build(example_images(paths), live=live_tab, video=video_tab)
             with gr.Tab("Fine-tune", id="finetune"):
                 finetune_tab.build(detect_model=detect["model"], tabs=tabs)
         demo.load(
@@ -95,6 +102,61 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: the CPUs this process may use, cgroup quota included)"
+    )
+    live = parser.add_argument_group("webcam stream (Detect tab, Webcam mode)")
+    live_defaults = LiveSettings()
+    live.add_argument(
+        "--live-stream-every",
+        type=float,
+        default=live_defaults.stream_every,
+        help=f"seconds between frames the browser sends (default {live_defaults.stream_every})",
+    )
+    live.add_argument(
+        "--live-time-limit",
+        type=int,
+        default=live_defaults.time_limit,
+        help=f"seconds of processing per visitor before they rejoin the queue (default {live_defaults.time_limit})",
+    )
+    live.add_argument(
+        "--live-max-side",
+        type=int,
+        default=live_defaults.max_side,
+        help=f"camera frames are scaled to this longer side before detection (default {live_defaults.max_side})",
+    )
+    live.add_argument(
+        "--live-streams",
+        type=int,
+        default=live_defaults.streams,
+        help=f"visitors streaming at once (default {live_defaults.streams})",
+    )
+    live.add_argument(
+        "--no-mirror-webcam", action="store_true", help="show and send the camera unmirrored (default: mirrored)"
+    )
+    video = parser.add_argument_group("video files (Detect tab, Video mode, and /detect_video)")
+    video_defaults = VideoSettings()
+    video.add_argument(
+        "--video-max-seconds",
+        type=float,
+        default=video_defaults.max_seconds,
+        help=f"longest accepted video (default {video_defaults.max_seconds:g} s)",
+    )
+    video.add_argument(
+        "--video-max-frames",
+        type=int,
+        default=video_defaults.max_frames,
+        help=f"most frames accepted (default {video_defaults.max_frames})",
+    )
+    video.add_argument(
+        "--video-max-side",
+        type=int,
+        default=video_defaults.max_side,
+        help=f"largest accepted frame side in pixels (default {video_defaults.max_side})",
+    )
+    video.add_argument(
+        "--video-batch-size",
+        type=int,
+        default=video_defaults.batch_size,
+        help=f"frames per forward pass (default {video_defaults.batch_size})",
     )
     parser.add_argument("--share", action="store_true", help="create a temporary public gradio.live link")
     parser.add_argument("--host", help="address to bind (default: GRADIO_SERVER_NAME or 127.0.0.1)")
@@ -132,6 +194,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         data_dir=args.data_dir,
         runs_dir=args.runs_dir,
         precision=args.precision,
+        live=LiveSettings(
+            stream_every=args.live_stream_every,
+            time_limit=args.live_time_limit,
+            max_side=args.live_max_side,
+            streams=args.live_streams,
+            mirror=not args.no_mirror_webcam,
+        ),
+        video=VideoSettings(
+            max_seconds=args.video_max_seconds,
+            max_frames=args.video_max_frames,
+            max_side=args.video_max_side,
+            batch_size=args.video_batch_size,
+        ),
     )
     launch(config, host=args.host, port=args.port, share=args.share)
 

@@ -1,4 +1,7 @@
-"""The Detect tab: pick a model, give an image, read boxes; sliders re-filter cached results without the model.
+"""The Detect tab: pick a model, then an image, the webcam or a video; sliders re-filter without re-running.
+
+The Image mode lives here; the Webcam and Video modes are ``live_tab`` and ``video_tab``, sharing the model picker
+and filters (``detect_controls``).
 
 ``DetectTab`` holds the event handlers as plain methods (tests call them directly) and ``build`` lays out the
 components and wires the events. Per-visitor results live in a ``gr.State`` (``DetectionView``); loaded models are
@@ -15,24 +18,16 @@ from typing import Any
 import gradio as gr
 import PIL.Image
 
+from app_support.detect_controls import DEFAULT_MAX_DETECTIONS, DEFAULT_THRESHOLD, build_filters
 from app_support.detector_cache import Detector, DetectorCache
 from app_support.downloads import DownloadFolder
-from app_support.drawing import display_copy, draw_detections
 from app_support.errors import user_errors
+from app_support.live_tab import LiveTab
 from app_support.model_choices import ModelChoice, ModelRegistry, NoModelAvailableError
+from app_support.video_tab import VideoTab
+from ddetr.drawing import display_copy, draw_detections
 from ddetr.pipeline import Candidates, Detection
 
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_MAX_DETECTIONS = 100
-# "model default" keeps the checkpoint's own preprocessing (800 px for the SenseTime checkpoints).
-RESOLUTIONS: tuple[tuple[str, int], ...] = (
-    ("model default", 0),
-    ("320 px", 320),
-    ("480 px", 480),
-    ("640 px", 640),
-    ("800 px", 800),
-    ("1024 px", 1024),
-)
 TABLE_HEADERS = ["label", "score", "xmin", "ymin", "xmax", "ymax"]
 INFERENCE_GROUP = "inference"  # one forward pass at a time: on a 2-core Space, parallel passes only thrash
 
@@ -132,9 +127,10 @@ class DetectTab:
         choice = self._choice(model_key)
         detector = self.detectors.get(choice)
         picture = detector.processor.load_image(image_path)
-        started = time.perf_counter()
-        (candidates,) = detector.candidates([picture], size=int(shortest_edge) if shortest_edge else None)
-        seconds = time.perf_counter() - started
+        with self.detectors.inference_lock:
+            started = time.perf_counter()
+            (candidates,) = detector.candidates([picture], size=int(shortest_edge) if shortest_edge else None)
+            seconds = time.perf_counter() - started
         display, scale = display_copy(picture)
         summary = f"{choice.label}, {detector.precision.name}"
         view = DetectionView(candidates, display, scale, dict(detector.model.config.id2label), seconds, summary)
@@ -177,13 +173,17 @@ class DetectTab:
             raise ValueError("no image was given")
         choice = self._choice(model or None)
         detector = self.detectors.get(choice)
-        (candidates,) = detector.candidates([image_path])
+        with self.detectors.inference_lock:
+            (candidates,) = detector.candidates([image_path])
         return candidates.detections(threshold, int(max_detections))
 
     # -- layout ------------------------------------------------------------------------------------------------- #
 
-    def build(self, examples: dict[str, list[Path]]) -> dict[str, gr.components.Component]:
-        """Create the tab's components inside the current ``gr.Tab`` and wire their events."""
+    def build(
+        self, examples: dict[str, list[Path]], *, live: LiveTab, video: VideoTab
+    ) -> dict[str, gr.components.Component]:
+        """Create the tab's components inside the current ``gr.Tab`` and wire their events: the model picker and
+        filters on top, shared by the three modes below (Image, Webcam, Video)."""
         initial_key = self.default_key()
         with gr.Row():
             model = gr.Dropdown(
@@ -191,40 +191,40 @@ class DetectTab:
             )
             refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
         model_info = gr.Markdown(elem_id="model-info")
-        with gr.Row():
-            with gr.Column(scale=1):
-                image = gr.Image(
-                    type="filepath",
-                    image_mode=None,  # decoding (and rejecting bad files) is ddetr's job, with its own messages
-                    sources=["upload", "webcam", "clipboard"],
-                    label="Image",
-                    elem_id="detect-input",
-                )
-                with gr.Row():
-                    threshold = gr.Slider(
-                        0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Score threshold", elem_id="threshold"
+        controls = build_filters(model)
+        threshold, max_detections, classes, resolution = (
+            controls.threshold,
+            controls.max_detections,
+            controls.classes,
+            controls.resolution,
+        )
+        with gr.Tabs(selected="mode-image"):
+            with gr.Tab("Image", id="mode-image"), gr.Row():
+                with gr.Column(scale=1):
+                    image = gr.Image(
+                        type="filepath",
+                        image_mode=None,  # decoding (and rejecting bad files) is ddetr's job, with its own messages
+                        sources=["upload", "webcam", "clipboard"],
+                        label="Image",
+                        elem_id="detect-input",
                     )
-                    max_detections = gr.Slider(
-                        1, 300, value=DEFAULT_MAX_DETECTIONS, step=1, label="Max detections", elem_id="max-detections"
-                    )
-                with gr.Row():
-                    classes = gr.Dropdown([], value=[], multiselect=True, label="Show only these classes (empty: all)")
-                    resolution = gr.Dropdown(
-                        list(RESOLUTIONS), value=0, label="Inference resolution (shortest edge)", elem_id="resolution"
-                    )
-                detect_button = gr.Button("Detect", variant="primary", elem_id="detect-button")
-                for title, paths in examples.items():
-                    if paths:
-                        gr.Examples([[str(p)] for p in paths], inputs=[image], label=title, examples_per_page=8)
-            with gr.Column(scale=1):
-                annotated = gr.Image(label="Detections", format="png", interactive=False, elem_id="detect-output")
-                summary = gr.Markdown(elem_id="detect-summary")
-                table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections table", interactive=False)
-                json_file = gr.File(label="Detections (JSON, hub object-detection schema)", interactive=False)
+                    detect_button = gr.Button("Detect", variant="primary", elem_id="detect-button")
+                    for title, paths in examples.items():
+                        if paths:
+                            gr.Examples([[str(p)] for p in paths], inputs=[image], label=title, examples_per_page=8)
+                with gr.Column(scale=1):
+                    annotated = gr.Image(label="Detections", format="png", interactive=False, elem_id="detect-output")
+                    summary = gr.Markdown(elem_id="detect-summary")
+                    table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections table", interactive=False)
+                    json_file = gr.File(label="Detections (JSON, hub object-detection schema)", interactive=False)
+            with gr.Tab("Webcam", id="mode-webcam"):
+                live.build(controls)
+            with gr.Tab("Video", id="mode-video"):
+                video.build(controls)
         view = gr.State(None, time_to_live=3600)
 
         outputs = [annotated, table, json_file, summary]
-        detect_inputs = [image, model, resolution, threshold, max_detections, classes]
+        detect_inputs = [image, *controls.detection_inputs()]
         run = {"fn": self.detect, "inputs": detect_inputs, "outputs": [*outputs, view]}
         queue_options = {"concurrency_id": INFERENCE_GROUP, "concurrency_limit": 1}
         # UI-only events are private, with their own names so that "detect" stays free for the public endpoint.

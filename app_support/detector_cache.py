@@ -1,7 +1,9 @@
 """Loaded detectors, kept in memory so switching back to a model is instant.
 
 Loading a checkpoint takes seconds and hundreds of megabytes, so only a few are kept (least recently used goes
-first), and loads are serialised: two visitors picking the same model at once load it once. A model directory that
+first), and loads are serialised: two visitors picking the same model at once load it once. ``inference_lock`` lets
+one forward pass run at a time whichever mode asks (image, webcam, video): on a 2-core Space parallel passes only
+thrash, and each mode's own queue slot stays free for its next visitor. A model directory that
 is rewritten (a fine-tuning run that was resumed) is detected by its weights' modification time and reloaded.
 """
 
@@ -50,6 +52,7 @@ class DetectorCache:
         self._lock = threading.Lock()
         self._loaded: OrderedDict[tuple[str, float], Detector] = OrderedDict()
         self._load_locks: dict[str, threading.Lock] = {}
+        self.inference_lock = threading.Lock()
 
     def get(self, choice: ModelChoice) -> Detector:
         cache_key = (choice.source, _version(choice))

@@ -27,6 +27,11 @@ class DownloadFolder:
         directory.mkdir()
         return directory / f"{stem}{suffix}"
 
+    def new_folder(self) -> Path:
+        """A fresh, empty folder of its own, for outputs that come in several files (older ones pruned first)."""
+        self._prune()
+        return self._new_path("", "").parent
+
     def write_json(self, payload: Any, stem: str = "detections") -> Path:
         path = self._new_path(stem, ".json")
         path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

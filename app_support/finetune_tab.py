@@ -32,11 +32,11 @@ from app_support.dataset_sources import (
     resolve_dataset,
 )
 from app_support.downloads import DownloadFolder
-from app_support.drawing import draw_detections
 from app_support.errors import UserFacingError, user_errors
 from app_support.model_choices import ModelRegistry
 from app_support.paths import AppPaths
 from app_support.training import APP_TRAINING_DEFAULTS, JobSnapshot, TrainingJobs, base_model_choices
+from ddetr.drawing import draw_detections
 from ddetr.export import ExportError, export_onnx
 
 POLL_SECONDS = 2.0

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError, 
 from ddetr.runtime.allocator import keep_freed_memory
 from ddetr.runtime.precision import Precision, resolve_precision
 from ddetr.runtime.threads import configure_threads
+
+if TYPE_CHECKING:
+    from ddetr.video import FrameResult, VideoLimits
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 # Every (query, class) pair a caller may want to re-filter: the paper model's 300 queries' best.
@@ -49,11 +52,8 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.names)
 
-    def detections(
-        self, threshold: float, max_detections: int, classes: Iterable[str] | None = None
-    ) -> list[Detection]:
-        """The hub's object-detection schema, ``[{"score", "label", "box": {xmin, ymin, xmax, ymax}}]``: the best
-        ``max_detections`` candidates scoring above ``threshold``.
+    def selection(self, threshold: float, max_detections: int, classes: Iterable[str] | None = None) -> list[int]:
+        """Indices of the best ``max_detections`` candidates scoring above ``threshold``, best first.
 
         ``classes`` (empty or None: all) is applied after the cut to ``max_detections``, so hiding a class never
         promotes low-scoring boxes of another class into view.
@@ -67,15 +67,36 @@ class Candidates:
         wanted = set(classes or ())
         selected = []
         for index in range(min(max_detections, len(self))):
-            score = float(self.scores[index])
-            if score <= threshold:
+            if float(self.scores[index]) <= threshold:
                 break  # scores are sorted: nothing after this passes either
-            name = self.names[index]
-            if wanted and name not in wanted:
-                continue
+            if not wanted or self.names[index] in wanted:
+                selected.append(index)
+        return selected
+
+    def detections(
+        self,
+        threshold: float,
+        max_detections: int,
+        classes: Iterable[str] | None = None,
+        *,
+        track_ids: np.ndarray | None = None,
+    ) -> list[Detection]:
+        """The hub's object-detection schema, ``[{"score", "label", "box": {xmin, ymin, xmax, ymax}}]``, for
+        :meth:`selection`'s candidates; ``track_ids`` ((candidates,) int, from a tracker) adds ``"track_id"``."""
+        if track_ids is not None and len(track_ids) != len(self):
+            raise ValueError(f"got {len(track_ids)} track ids for {len(self)} candidates")
+        selected = []
+        for index in self.selection(threshold, max_detections, classes):
             xmin, ymin, xmax, ymax = (round(float(v)) for v in self.boxes[index])
             box = {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax}
-            selected.append({"score": round(score, 4), "label": name, "box": box})
+            detection: Detection = {
+                "score": round(float(self.scores[index]), 4),
+                "label": self.names[index],
+                "box": box,
+            }
+            if track_ids is not None:
+                detection["track_id"] = int(track_ids[index])
+            selected.append(detection)
         return selected
 
 
@@ -193,6 +214,38 @@ class ObjectDetectionPipeline:
             precision=self.precision,
             top_k=top_k,
         )
+
+    def video(
+        self,
+        path: str | os.PathLike,
+        *,
+        threshold: float | None = None,
+        max_detections: int | None = None,
+        classes: Sequence[str] = (),
+        size: int | None = None,
+        batch_size: int = 8,
+        stride: int = 1,
+        track: bool = True,
+        limits: VideoLimits | None = None,
+    ) -> Iterator[FrameResult]:
+        """Per-frame results (``ddetr.video.FrameResult``: index, time, pixels, detections with ``track_id``) of
+        every ``stride``-th frame of a video file, decoded, detected in batches and tracked as it goes.
+
+        Files ``limits`` refuses, or that cannot be read, raise
+        ``ddetr.video.VideoInputError`` (a ``ValueError``). Needs PyAV (``pip install av``).
+        """
+        # Imported here: ddetr.video builds on this module (and PyAV is optional for still images).
+        from ddetr.video import DetectionSettings, VideoReader, detect_frames
+
+        settings = DetectionSettings(
+            threshold=self.threshold if threshold is None else float(threshold),
+            max_detections=self.top_k if max_detections is None else int(max_detections),
+            classes=tuple(classes),
+            size=size,
+            track=track,
+        )
+        with VideoReader(os.fspath(path), limits=limits, stride=stride) as reader:
+            yield from detect_frames(self, reader, settings, batch_size=batch_size)
 
     def __call__(
         self, images: Any, threshold: float | None = None, top_k: int | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageFilter
 import pytest
 import torch
 from PIL import features
@@ -573,3 +574,103 @@ def validations(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
     monkeypatch.setattr(prepare_module, "validate_split", counting)
     return validated
+
+
+# -- moving shapes: video clips and fake-camera files (written with PyAV directly, not with ddetr.video) ------- #
+
+
+@dataclass(frozen=True)
+class MovingShapes:
+    """A generated clip: its file, and per frame the true ``(label, (xmin, ymin, xmax, ymax))`` of each shape."""
+
+    path: Path
+    fps: int
+    width: int
+    height: int
+    truth: tuple[tuple[tuple[str, tuple[float, float, float, float]], ...], ...]
+
+
+def _moving_shapes_frames(
+    count: int, width: int = 320, height: int = 240
+) -> list[tuple[np.ndarray, tuple[tuple[str, tuple[float, float, float, float]], ...]]]:
+    """A circle moving right, a square moving left and a bobbing triangle on a blurred-noise background, which
+    the bundled shapes model detects (it was trained on textured backgrounds; on flat ones it is unsure)."""
+    rng = np.random.default_rng(0)
+    # Laid out for 320x240 and scaled with the frame, so every size looks the same to the model.
+    scale = width / 320
+    noise = rng.normal(128, 40, (round(240 * scale), width, 3)).clip(0, 255).astype(np.uint8)
+    background = PIL.Image.fromarray(noise).filter(PIL.ImageFilter.GaussianBlur(2 * scale)).crop((0, 0, width, height))
+    frames = []
+
+    def scaled(box: tuple[float, ...]) -> tuple[float, float, float, float]:
+        return tuple(round(v * scale) for v in box)  # type: ignore[return-value]
+
+    for t in range(count):
+        image = background.copy()
+        draw = PIL.ImageDraw.Draw(image)
+        circle = scaled((20.0 + 6 * t, 30.0, 90.0 + 6 * t, 100.0))
+        square = scaled((220.0 - 4 * t, 140.0, 290.0 - 4 * t, 210.0))
+        bob = float(t % 10)
+        triangle = scaled((120.0, 120.0 + bob, 190.0, 190.0 + bob))
+        draw.ellipse(circle, fill=(230, 30, 30))
+        draw.rectangle(square, fill=(30, 60, 230))
+        draw.polygon(
+            [(triangle[0], triangle[3]), (triangle[2], triangle[3]), ((triangle[0] + triangle[2]) / 2, triangle[1])],
+            fill=(250, 220, 30),
+        )
+        # Pillow's ellipse/rectangle include their end pixel: the true box ends one pixel further.
+        truth = (
+            ("circle", (circle[0], circle[1], circle[2] + 1, circle[3] + 1)),
+            ("square", (square[0], square[1], square[2] + 1, square[3] + 1)),
+            ("triangle", (triangle[0], triangle[1], triangle[2] + 1, triangle[3] + 1)),
+        )
+        frames.append((np.asarray(image), truth))
+    return frames
+
+
+def _write_clip(path: Path, frames: list[np.ndarray], fps: int, codec: str = "libx264") -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for pixels in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def moving_shapes_clip(tmp_path_factory: pytest.TempPathFactory) -> MovingShapes:
+    """A 30-frame, 15 fps, 320x240 H.264 mp4 of moving shapes, with the true boxes of every frame."""
+    frames = _moving_shapes_frames(30)
+    path = _write_clip(tmp_path_factory.mktemp("clips") / "moving.mp4", [pixels for pixels, _ in frames], fps=15)
+    return MovingShapes(path, 15, 320, 240, tuple(truth for _, truth in frames))
+
+
+@pytest.fixture(scope="session")
+def write_clip() -> Callable[..., Path]:
+    """``write_clip(path, frames, fps, codec="libx264") -> path``: frames (height, width, 3) uint8 into a video."""
+    return _write_clip
+
+
+@pytest.fixture(scope="session")
+def moving_shapes_y4m(tmp_path_factory: pytest.TempPathFactory) -> MovingShapes:
+    """The moving shapes as a 640x480 Y4M file for Chromium's fake camera (it loops the file)."""
+    import av
+
+    frames = _moving_shapes_frames(40, width=640, height=480)
+    path = tmp_path_factory.mktemp("camera") / "moving.y4m"
+    with av.open(str(path), "w", format="yuv4mpegpipe") as container:
+        stream = container.add_stream("rawvideo", rate=15)
+        stream.width, stream.height = 640, 480
+        stream.pix_fmt = "yuv420p"
+        for pixels, _ in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return MovingShapes(path, 15, 640, 480, tuple(truth for _, truth in frames))

@@ -16,7 +16,6 @@ import ddetr
 from app_support.detect_tab import DetectTab
 from app_support.detector_cache import DetectorCache, ModelLoadError
 from app_support.downloads import DownloadFolder
-from app_support.drawing import PALETTE, class_color, display_copy, draw_detections
 from app_support.model_choices import (
     SENSETIME_CHECKPOINTS,
     ModelRegistry,
@@ -24,6 +23,7 @@ from app_support.model_choices import (
     UnknownModelError,
     resolve_default_model,
 )
+from ddetr.drawing import PALETTE, class_color, display_copy, draw_detections
 from ddetr.pipeline import MAX_CANDIDATES, inference_size
 
 

@@ -1,0 +1,1 @@
+"""``python -m ddetr.annotate``: detect (and track) on images, folders and videos from the shell."""
