@@ -82,8 +82,8 @@ def draw_detections(
     scale: float = 1.0,
     id2label: Mapping[int, str] | None = None,
 ) -> PIL.Image.Image:
-    """A copy of ``image`` with each box and a "label score" (or, without a score, "label") tag; ``scale`` maps box
-    pixels onto the image.
+    """A copy of ``image`` with each box and a "label score" tag ("label #7 score" for a box with a ``track_id``,
+    "label" for ground truth without a score); ``scale`` maps box pixels onto the image.
 
     Lower-scoring boxes are drawn first so the most confident ones end up on top.
     """
@@ -98,7 +98,9 @@ def draw_detections(
         draw.rectangle((x0, y0, x1, y1), outline=color, width=line)
         # Ground truth (dataset previews) has no score; detections show theirs.
         score = detection.get("score")
-        text = detection["label"] if score is None else f"{detection['label']} {score:.2f}"
+        track_id = detection.get("track_id", -1)
+        name = f"{detection['label']} #{track_id}" if track_id is not None and track_id >= 0 else detection["label"]
+        text = name if score is None else f"{name} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tag_w, tag_h = right - left + 2 * line, bottom - top + 2 * line
         # Put the tag above the box, or inside it when the box touches the top edge.

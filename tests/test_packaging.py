@@ -34,6 +34,7 @@ EXTRA_REQUIREMENTS = {
     "train": ("datasets", "pycocotools", "tqdm"),
     "app": ("ddetr", "gradio", "pandas"),
     "export": ("onnx", "onnxruntime"),
+    "video": ("av", "tqdm"),
 }
 BUILD_TIMEOUT_S = 300
 INSTALL_TIMEOUT_S = 300
@@ -98,6 +99,9 @@ def test_wheel_ships_the_kernel_source_and_the_bundled_model(wheel_names: list[s
         "ddetr/ops/ms_deform_attn_cpu.py",
         "ddetr/checkpoint/default_model.py",
         "ddetr/export/__main__.py",
+        "ddetr/annotate/__main__.py",
+        "ddetr/video/reader.py",
+        "ddetr/tracking/byte_tracker.py",
         "finetune/cli.py",
     ):
         assert module in names
@@ -109,6 +113,12 @@ def test_wheel_leaves_out_repository_only_files(wheel_names: list[str]) -> None:
     assert not [name for name in shipped if name in NOT_SHIPPED_FILES]
     assert {name.split("/", 1)[0] for name in shipped} == {"ddetr", "finetune"}
     assert not [name for name in shipped if name.endswith((".pyc", ".so", ".dylib"))]
+
+
+def archive_text(wheel: Path, suffix: str) -> str:
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [name for name in archive.namelist() if name.endswith(suffix)]
+        return archive.read(name).decode()
 
 
 def test_wheel_metadata_declares_dependencies_and_extras(wheel: Path) -> None:
@@ -130,6 +140,8 @@ def test_wheel_metadata_declares_dependencies_and_extras(wheel: Path) -> None:
         listed = {requirement_name(line) for line in requirements if f'extra == "{extra}"' in line}
         assert set(expected) <= listed, (extra, listed)
     assert metadata["Name"] == "ddetr"
+    entry_points = archive_text(wheel, ".dist-info/entry_points.txt")
+    assert "ddetr-annotate = ddetr.annotate.cli:main" in entry_points
 
 
 def test_sdist_carries_the_package_data_and_rebuilds_the_wheel(source_copy: Path, tmp_path: Path) -> None:
