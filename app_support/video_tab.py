@@ -108,6 +108,7 @@ class VideoTab:
         classes: list[str] | None,
         stride: float,
         request: gr.Request,
+        progress_bar: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
     ) -> Iterator[tuple[Any, ...]]:
         """The Video mode: yields (preview, status, video, json, csv) as the video is processed."""
         if not video_path:
@@ -137,6 +138,7 @@ class VideoTab:
                     )
                 elif progress.elapsed - last_update >= UPDATE_EVERY:
                     last_update = progress.elapsed
+                    progress_bar((progress.done, progress.total), desc="frames", unit="frames")
                     yield (
                         progress.preview if progress.preview is not None else gr.skip(),
                         progress_text(progress),
@@ -197,7 +199,8 @@ class VideoTab:
             [preview, status, annotated, json_file, csv_file],
             concurrency_id="video",
             concurrency_limit=1,
-            show_progress="minimal",
+            show_progress="full",
+            show_progress_on=[status],
             api_name="ui_detect_video",
             api_visibility="private",
         )
