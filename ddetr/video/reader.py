@@ -123,10 +123,29 @@ class VideoReader:
             frame_count = max(1, round(duration * fps))  # an estimate, for progress bars and the up-front checks
         return VideoInfo(width, height, fps, frame_count, duration, str(stream.codec_context.name))
 
+    def _shortfall(self, decoded: int, last_time: float) -> str | None:
+        """Why the frames decoded end well before the duration the container declares, if they do.
+
+        FFmpeg ends a file cut off part way like a complete one (no error, just fewer frames), so a truncated upload
+        shows only here. Time, not the declared frame count: AVI counts dropped frames that decode to nothing. The
+        margin allows for a long last frame and for other streams outlasting the video.
+        """
+        duration, fps = self.info.duration, self.info.fps
+        if duration is None:
+            return None
+        covered = last_time + 1 / fps
+        if covered >= duration - max(2 / fps, 0.5, 0.05 * duration):
+            return None
+        return (
+            f"decoding stopped after {decoded} frames ({covered:.1f} s of {duration:.1f} s): "
+            "the file is damaged or truncated"
+        )
+
     def __iter__(self) -> Iterator[VideoFrame]:
         av = require_av()
         decoded = 0
         first_time: float | None = None
+        elapsed = 0.0
         try:
             for frame in self._container.decode(self._stream):
                 index = decoded
@@ -149,6 +168,10 @@ class VideoReader:
             # A broken packet or a cut-off file: what decoded so far is kept.
             self.ended_early = f"decoding stopped after {decoded} frames: the file is damaged or truncated"
             logger.warning("%s: %s (%s)", self.path.name, self.ended_early, error)
+        else:
+            self.ended_early = self._shortfall(decoded, elapsed) if decoded else None
+            if self.ended_early:
+                logger.warning("%s: %s", self.path.name, self.ended_early)
         if decoded == 0:
             raise VideoInputError(f"{self.path.name} has no frames that could be decoded")
 

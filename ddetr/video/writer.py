@@ -44,6 +44,8 @@ class VideoWriter:
             raise ValueError(f"fps must be positive, got {fps}")
         self.width, self.height = width, height
         self.frames = 0
+        self._finished = False  # the file is in place
+        self._dropped = False  # aborted: the temporary file is gone
         av = require_av()
         self._temporary = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.partial{suffix}")
         encoder, options = ENCODERS[suffix]
@@ -60,6 +62,8 @@ class VideoWriter:
         self._av = av
 
     def write(self, image: np.ndarray) -> None:
+        if self._finished or self._dropped:
+            raise ValueError(f"{self.path.name}: the writer is already {'closed' if self._finished else 'aborted'}")
         if image.shape != (self.height, self.width, 3) or image.dtype != np.uint8:
             raise ValueError(f"frames must be ({self.height}, {self.width}, 3) uint8, got {image.shape} {image.dtype}")
         padded_width, padded_height = even_size(self.width, self.height)
@@ -72,19 +76,34 @@ class VideoWriter:
         self.frames += 1
 
     def close(self) -> Path:
-        """Flush, finish the file and move it into place; returns its path."""
+        """Flush, finish the file and move it into place; returns its path.
+
+        Closing twice is harmless (a ``with`` block around an explicit ``close``). A writer given no frame writes
+        nothing: no reader accepts a video without frames, so that is a ``ValueError``, not an empty file.
+        """
+        if self._finished:
+            return self.path
+        if self._dropped:
+            raise ValueError(f"{self.path.name}: the writer was aborted, so no video was made")
+        if self.frames == 0:
+            self.abort()
+            raise ValueError(f"{self.path.name}: no frames were written, so no video was made")
         try:
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
             self._container.close()
+            os.replace(self._temporary, self.path)
         except BaseException:
             self.abort()
             raise
-        os.replace(self._temporary, self.path)
+        self._finished = True
         return self.path
 
     def abort(self) -> None:
-        """Drop the unfinished file."""
+        """Drop the unfinished file (a finished one stays)."""
+        if self._finished or self._dropped:
+            return
+        self._dropped = True
         with contextlib.suppress(Exception):  # the container may already be broken; the file goes either way
             self._container.close()
         self._temporary.unlink(missing_ok=True)
