@@ -157,7 +157,9 @@ def test_webcam_streams_boxes_that_follow_the_threshold(page: Any, live_log: Det
             boxes += 1
             candidates = truths.get(detection["label"])
             if candidates:
-                found = torch.tensor([[detection["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")]], dtype=torch.float)
+                found = torch.tensor(
+                    [[detection["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")]], dtype=torch.float
+                )
                 iou, _ = box_iou(found, torch.tensor(candidates, dtype=torch.float))
                 on_shapes += bool(iou.max() >= 0.5)
     assert boxes > 0 and on_shapes / boxes >= 0.8, (on_shapes, boxes)
