@@ -88,6 +88,34 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
     return demo, paths
 
 
+# (settings field, its help): each becomes --live-<field> / --video-<field>, defaulting to the settings' value.
+LIVE_FLAGS = (
+    ("stream_every", "seconds between frames the browser sends"),
+    ("time_limit", "seconds of processing per visitor before they rejoin the queue"),
+    ("max_side", "camera frames are scaled to this longer side before detection"),
+    ("streams", "visitors streaming at once"),
+)
+VIDEO_FLAGS = (
+    ("max_seconds", "longest accepted video, in seconds"),
+    ("max_frames", "most frames accepted"),
+    ("max_side", "largest accepted frame side, in pixels"),
+    ("batch_size", "frames per forward pass"),
+)
+
+
+def _settings_flags(
+    group: argparse._ArgumentGroup, prefix: str, defaults: object, flags: Sequence[tuple[str, str]]
+) -> None:
+    for name, help_text in flags:
+        default = getattr(defaults, name)
+        group.add_argument(
+            prefix + name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{help_text} (default {default:g})",
+        )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory or hub repo id to start the Detect tab with")
@@ -104,60 +132,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, help="torch CPU threads (default: the CPUs this process may use, cgroup quota included)"
     )
     live = parser.add_argument_group("webcam stream (Detect tab, Webcam mode)")
-    live_defaults = LiveSettings()
-    live.add_argument(
-        "--live-stream-every",
-        type=float,
-        default=live_defaults.stream_every,
-        help=f"seconds between frames the browser sends (default {live_defaults.stream_every})",
-    )
-    live.add_argument(
-        "--live-time-limit",
-        type=int,
-        default=live_defaults.time_limit,
-        help=f"seconds of processing per visitor before they rejoin the queue (default {live_defaults.time_limit})",
-    )
-    live.add_argument(
-        "--live-max-side",
-        type=int,
-        default=live_defaults.max_side,
-        help=f"camera frames are scaled to this longer side before detection (default {live_defaults.max_side})",
-    )
-    live.add_argument(
-        "--live-streams",
-        type=int,
-        default=live_defaults.streams,
-        help=f"visitors streaming at once (default {live_defaults.streams})",
-    )
+    _settings_flags(live, "--live-", LiveSettings(), LIVE_FLAGS)
     live.add_argument(
         "--no-mirror-webcam", action="store_true", help="show and send the camera unmirrored (default: mirrored)"
     )
     video = parser.add_argument_group("video files (Detect tab, Video mode, and /detect_video)")
-    video_defaults = VideoSettings()
-    video.add_argument(
-        "--video-max-seconds",
-        type=float,
-        default=video_defaults.max_seconds,
-        help=f"longest accepted video (default {video_defaults.max_seconds:g} s)",
-    )
-    video.add_argument(
-        "--video-max-frames",
-        type=int,
-        default=video_defaults.max_frames,
-        help=f"most frames accepted (default {video_defaults.max_frames})",
-    )
-    video.add_argument(
-        "--video-max-side",
-        type=int,
-        default=video_defaults.max_side,
-        help=f"largest accepted frame side in pixels (default {video_defaults.max_side})",
-    )
-    video.add_argument(
-        "--video-batch-size",
-        type=int,
-        default=video_defaults.batch_size,
-        help=f"frames per forward pass (default {video_defaults.batch_size})",
-    )
+    _settings_flags(video, "--video-", VideoSettings(), VIDEO_FLAGS)
     parser.add_argument("--share", action="store_true", help="create a temporary public gradio.live link")
     parser.add_argument("--host", help="address to bind (default: GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: GRADIO_SERVER_PORT or the first free from 7860)")
@@ -183,31 +163,30 @@ def launch(
     return demo, url
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    logging.getLogger(__name__).info("torch uses %d CPU threads", configure_threads(args.threads))
-    keep_freed_memory()
-    config = AppConfig(
+def config_from_args(args: argparse.Namespace) -> AppConfig:
+    """The app's settings from its command line; ValueError names a bad value."""
+    live = {name: getattr(args, f"live_{name}") for name, _ in LIVE_FLAGS}
+    video = {name: getattr(args, f"video_{name}") for name, _ in VIDEO_FLAGS}
+    return AppConfig(
         model=args.model,
         models_dir=args.models_dir,
         data_dir=args.data_dir,
         runs_dir=args.runs_dir,
         precision=args.precision,
-        live=LiveSettings(
-            stream_every=args.live_stream_every,
-            time_limit=args.live_time_limit,
-            max_side=args.live_max_side,
-            streams=args.live_streams,
-            mirror=not args.no_mirror_webcam,
-        ),
-        video=VideoSettings(
-            max_seconds=args.video_max_seconds,
-            max_frames=args.video_max_frames,
-            max_side=args.video_max_side,
-            batch_size=args.video_batch_size,
-        ),
+        live=LiveSettings(**live, mirror=not args.no_mirror_webcam),
+        video=VideoSettings(**video),
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        raise SystemExit(f"app.py: error: {error}") from None
+    logging.getLogger(__name__).info("torch uses %d CPU threads", configure_threads(args.threads))
+    keep_freed_memory()
     launch(config, host=args.host, port=args.port, share=args.share)
 
 

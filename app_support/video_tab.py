@@ -37,6 +37,11 @@ class VideoSettings:
     max_side: int = 1920
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"the video batch size must be at least 1, got {self.batch_size}")
+        self.limits()  # checks the limits themselves
+
     def limits(self) -> VideoLimits:
         return VideoLimits(
             max_seconds=self.max_seconds,

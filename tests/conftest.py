@@ -13,6 +13,8 @@ import functools
 import io
 import json
 import math
+import os
+import shutil
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -674,3 +676,16 @@ def moving_shapes_y4m(tmp_path_factory: pytest.TempPathFactory) -> MovingShapes:
         for packet in stream.encode(None):
             container.mux(packet)
     return MovingShapes(path, 15, 640, 480, tuple(truth for _, truth in frames))
+
+
+@pytest.fixture(scope="session")
+def chromium_executable() -> str:
+    """Debian's Chromium (``CHROMIUM_PATH`` overrides) for the Playwright tests; they are skipped without one."""
+    configured = os.environ.get("CHROMIUM_PATH")
+    if configured:
+        return configured
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip("no Chromium found (apt-get install -y chromium, or set CHROMIUM_PATH)")

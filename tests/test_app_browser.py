@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,17 +23,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 EXAMPLE = REPO_ROOT / "examples" / "shapes" / "shapes_0.jpg"
 TIMEOUT_MS = 90_000
-
-
-def chromium_path() -> str | None:
-    configured = os.environ.get("CHROMIUM_PATH")
-    if configured:
-        return configured
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +50,10 @@ def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
 
 
 @pytest.fixture(scope="module")
-def page(app_url: str) -> Iterator[object]:
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("no Chromium found (apt-get install -y chromium, or set CHROMIUM_PATH)")
+def page(app_url: str, chromium_executable: str) -> Iterator[object]:
     with sync_api.sync_playwright() as playwright:
         # --no-sandbox: CI containers run as root, where Chromium's sandbox cannot start.
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=chromium_executable, args=["--no-sandbox"])
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)

@@ -7,9 +7,7 @@ chromium``; ``CHROMIUM_PATH`` overrides) and playwright; skipped without them.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,17 +31,6 @@ torch = pytest.importorskip("torch")
 
 BUNDLED = REPO_ROOT / "ddetr" / "bundled" / "ddetr-shapes"
 TIMEOUT_MS = 120_000
-
-
-def chromium_path() -> str | None:
-    configured = os.environ.get("CHROMIUM_PATH")
-    if configured:
-        return configured
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 class DetectionLog:
@@ -91,10 +78,7 @@ def app_url(tmp_path_factory: pytest.TempPathFactory, live_log: DetectionLog) ->
 
 
 @pytest.fixture(scope="module")
-def page(app_url: str, moving_shapes_y4m: Any) -> Iterator[Any]:
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("no Chromium found (apt-get install -y chromium, or set CHROMIUM_PATH)")
+def page(app_url: str, moving_shapes_y4m: Any, chromium_executable: str) -> Iterator[Any]:
     flags = [
         "--no-sandbox",
         "--use-fake-device-for-media-stream",
@@ -102,7 +86,7 @@ def page(app_url: str, moving_shapes_y4m: Any) -> Iterator[Any]:
         f"--use-file-for-fake-video-capture={moving_shapes_y4m.path}",
     ]
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=flags)
+        browser = playwright.chromium.launch(executable_path=chromium_executable, args=flags)
         context = browser.new_context(viewport={"width": 1400, "height": 1100}, permissions=["camera"])
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)

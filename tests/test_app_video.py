@@ -14,7 +14,7 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 
-from app import AppConfig, launch
+from app import AppConfig, config_from_args, launch, parse_args
 from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.live_tab import LiveSettings, LiveTab
@@ -189,3 +189,17 @@ def test_a_refused_upload_leaves_no_files(handlers: dict[str, Any], tmp_path: Pa
         list(video.process(str(text), None, 0, 0.5, 100, [], 1, gr.Request(session_hash="b"), lambda *a, **k: None))
     assert "fake.webm" in str(caught.value)
     assert {p for p in video.outputs.folder.rglob("*") if p.is_file()} == before
+
+
+def test_command_line_sets_the_live_and_video_settings():
+    config = config_from_args(
+        parse_args(
+            ["--live-stream-every", "0.1", "--live-streams", "3", "--no-mirror-webcam", "--video-max-frames", "50"]
+        )
+    )
+    assert config.live == LiveSettings(stream_every=0.1, streams=3, mirror=False)
+    assert config.video == VideoSettings(max_frames=50)
+    assert config_from_args(parse_args([])).live == LiveSettings()
+    for bad in (["--live-streams", "0"], ["--video-batch-size", "0"], ["--video-max-seconds", "-1"]):
+        with pytest.raises(ValueError):
+            config_from_args(parse_args(bad))
