@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ddetr.checkpoint.hub import CheckpointNotFoundError
 from ddetr.drawing import draw_detections
 from ddetr.pipeline import ObjectDetectionPipeline, pipeline
 from ddetr.runtime.precision import PRECISIONS
@@ -59,12 +60,25 @@ def _kind(path: Path) -> str | None:
     return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def plan(inputs: Sequence[Path], output: Path) -> list[Job]:
-    """One job per image or video: files as given, folders walked (sorted); raises ValueError on clashes."""
+    """One job per image or video: files as given, folders walked (sorted); raises ValueError on clashes.
+
+    Walking a folder skips hidden files and folders (macOS ``._photo.jpg`` resource forks are not images; an
+    interrupted run's ``.partial`` files are not inputs) and an --output folder inside it, so annotating again does
+    not annotate the annotations.
+    """
     jobs: list[Job] = []
     for given in inputs:
         if given.is_dir():
+            skipped = output if _inside(output, given) and not _inside(given, output) else None
             for path in sorted(p for p in given.rglob("*") if p.is_file() and _kind(p)):
+                hidden = any(part.startswith(".") for part in path.relative_to(given).parts)
+                if hidden or (skipped is not None and _inside(path, skipped)):
+                    continue
                 jobs.append(Job(path, output / path.parent.relative_to(given), _kind(path) or ""))
         elif given.is_file():
             kind = _kind(given)
@@ -108,7 +122,7 @@ def annotate_image(detector: ObjectDetectionPipeline, job: Job, settings: Detect
 def annotate_one_video(
     detector: ObjectDetectionPipeline, job: Job, settings: DetectionSettings, args: argparse.Namespace
 ) -> str:
-    limits = VideoLimits(max_seconds=args.max_seconds, max_frames=args.max_frames, max_side=args.max_side)
+    limits = _limits(args)
     bar = tqdm(desc=job.source.name, unit="frame", leave=True, disable=args.quiet)
     final = None
     try:
@@ -161,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limits(args: argparse.Namespace) -> VideoLimits:
+    """The video limits, whose refusals name the flag that raises each one."""
+    return VideoLimits(
+        max_seconds=args.max_seconds,
+        max_frames=args.max_frames,
+        max_side=args.max_side,
+        flags={"max_seconds": "--max-seconds", "max_frames": "--max-frames", "max_side": "--max-side"},
+    )
+
+
 def _settings(args: argparse.Namespace) -> DetectionSettings:
     classes = tuple(name.strip() for name in args.classes.split(",") if name.strip())
     return DetectionSettings(
@@ -194,21 +218,36 @@ def _run(
         images.close()
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers before anything runs, each message naming its flag."""
+    if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
+        raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold:g}")
+    if args.size is not None and args.size < 32:
+        raise ValueError(f"--size must be at least 32 pixels, got {args.size}")
+    for name in ("max_detections", "batch_size", "stride", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("max_seconds", "max_frames", "max_side"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:  # NaN fails too
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check(args)
         settings = _settings(args)
-        if args.size is not None and args.size < 32:
-            raise ValueError(f"--size must be at least 32 pixels, got {args.size}")
-        for name in ("batch_size", "stride"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        VideoLimits(max_seconds=args.max_seconds, max_frames=args.max_frames, max_side=args.max_side)
+        _limits(args)
         jobs = plan(args.inputs, args.output)
     except ValueError as error:
         parser.error(str(error))
-    detector = pipeline(model=args.model, device=args.device, precision=args.precision, threads=args.threads)
+    try:
+        detector = pipeline(model=args.model, device=args.device, precision=args.precision, threads=args.threads)
+    except CheckpointNotFoundError as error:  # a mistyped --model is a bad argument, not a crash
+        parser.error(f"--model: {error}")
     failures = [message for message in _run(jobs, detector, settings, args) if message is not None]
     for message in failures:
         print(f"error: {message}", file=sys.stderr)

@@ -172,13 +172,13 @@ def annotate_video(
     """
     settings = settings or DetectionSettings()
     source, folder = Path(source), Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     video_path, json_path, csv_path = output_paths(source, folder, name)
     id2label = {int(k): v for k, v in detector.model.config.id2label.items()}
     tracker = FrameTracker() if settings.track else None
     started = time.perf_counter()
     with VideoReader(source, limits=limits, stride=stride) as reader:
         info = reader.info
+        folder.mkdir(parents=True, exist_ok=True)  # only once the file is accepted
         total = info.frames_after_stride(stride)
         fps = info.fps / stride
         with (
@@ -208,6 +208,8 @@ def annotate_video(
                 if cancel is not None and cancel.is_set():
                     cancelled = True
                     break
+            # The video first: if it cannot be finished, the records are discarded with it.
+            writer.close()
             json_done, csv_done = records.commit()
         note = reader.ended_early
         if cancelled:

@@ -83,6 +83,8 @@ class VideoReader:
         self.stride = int(stride)
         self.ended_early: str | None = None  # why decoding stopped before the end of the file, if it did
         av = require_av()
+        if self.path.is_dir():
+            raise VideoInputError(f"{self.path.name} is a folder, not a video file")
         if not self.path.is_file():
             raise VideoInputError(f"{self.path.name}: no such file")
         try:
