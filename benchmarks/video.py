@@ -14,6 +14,7 @@ Targets (on 2 cores): shapes ≥ 25 frames/s, R50 bf16 ≥ 3 frames/s. They are 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -68,7 +69,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny workload for a smoke test (< 60 s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, like a free Space)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["r50", "shapes"], help="parts to leave out")
-    parser.add_argument("--repeats", type=int, default=None, help="passes per configuration (default 3, quick 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="passes per configuration (default: shapes 3, R50 1; quick 1)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser.parse_args(argv)
 
@@ -91,6 +94,7 @@ class Pass:
     wall: float
     stages: dict[str, float] | None
     detections: int = 0
+    cpu: float = 0.0  # this process's CPU seconds (all threads): about 2x wall on 2 idle cores, less when starved
 
     @property
     def fps(self) -> float:
@@ -116,7 +120,7 @@ def staged_pass(
     id2label = {int(k): v for k, v in detector.model.config.id2label.items()}
     frames = detections = 0
     previous_index: int | None = None
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with VideoReader(clip) as reader:
         writer = VideoWriter(output, width=reader.info.width, height=reader.info.height, fps=reader.info.fps)
         try:
@@ -150,19 +154,19 @@ def staged_pass(
         except BaseException:
             writer.abort()
             raise
-    return Pass(frames, time.perf_counter() - started, stages, detections)
+    return Pass(frames, time.perf_counter() - started, stages, detections, time.process_time() - cpu)
 
 
 def annotate_pass(
     detector: ObjectDetectionPipeline, clip: Path, folder: Path, settings: DetectionSettings, batch_size: int
 ) -> Pass:
     """The product's own ``annotate_video``, run to the end, timed as a whole."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     # The last progress item carries the result; the others are what a UI would show on the way.
     *_, last = annotate_video(detector, clip, folder, settings, batch_size=batch_size, name="annotated")
     wall = time.perf_counter() - started
     assert last.result is not None
-    return Pass(last.result.frames, wall, None)
+    return Pass(last.result.frames, wall, None, cpu=time.process_time() - cpu)
 
 
 def warm_up(detector: ObjectDetectionPipeline, clip: Path, settings: DetectionSettings, batch_size: int) -> None:
@@ -186,15 +190,15 @@ def interleaved(runs: dict[str, Callable[[], Pass]], repeats: int) -> dict[str, 
 
 
 def split_model_stage(
-    detector: ObjectDetectionPipeline, clip: Path, settings: DetectionSettings, batch_size: int, repeats: int
-) -> dict[str, float]:
+    detector: ObjectDetectionPipeline, clip: Path, settings: DetectionSettings, batch_size: int, samples: int
+) -> dict[str, Any]:
     """ms/frame of the two halves of ``candidates`` (the same calls it makes): preprocessing, and the forward pass
     with its post-processing; the stage breakdown's biggest line, split so it says which half to work on."""
     with VideoReader(clip) as reader:
         images = [frame.image for frame in itertools.islice(reader, batch_size)]
     override = inference_size(settings.size)
     preprocess, forward = [], []
-    for _ in range(max(3, repeats)):
+    for _ in range(samples):
         mark = time.perf_counter()
         pictures = [detector.processor.load_image(image) for image in images]
         inputs = detector.processor(pictures, device=detector.device, **({"size": override} if override else {}))
@@ -220,7 +224,7 @@ def print_split(split: dict[str, Any]) -> None:
 
 def print_stages(title: str, result: Pass) -> None:
     print(f"  {title}: {result.fps:.1f} frames/s ({1000 * result.wall / result.frames:.1f} ms/frame, "
-          f"{result.detections / result.frames:.1f} boxes/frame)")  # fmt: skip
+          f"{result.detections / result.frames:.1f} boxes/frame, CPU/wall {result.cpu / result.wall:.2f})")  # fmt: skip
     for name, row in result.breakdown().items():
         print(f"    {name:<18} {row['ms_per_frame']:8.2f} ms/frame {row['percent']:6.1f} %")
 
@@ -231,29 +235,31 @@ def verdict(value: float, target: float) -> str:
 
 def bench_shapes(workload: Workload, repeats: int, folder: Path) -> dict[str, Any]:
     clip = write_mp4(folder / "shapes.mp4", workload.shapes_frames, workload.width, workload.height)
-    detector = pipeline(model=str(BUNDLED), precision="auto")
+    # "auto" is what the app runs: bf16 only where the CPU computes it natively. threads: keep --threads as set.
+    detector = pipeline(model=str(BUNDLED), precision="auto", threads=torch.get_num_threads())
     settings = DetectionSettings(size=256)
     print(f"\n== bundled shapes model, 256 px shortest edge, precision {detector.precision.name}, "
           f"{workload.shapes_frames} frames {workload.width}x{workload.height}")  # fmt: skip
     for batch_size in workload.batch_sizes:
         warm_up(detector, clip, settings, batch_size)
     runs: dict[str, Callable[[], Pass]] = {
-        f"staged batch {b}": lambda b=b: staged_pass(detector, clip, folder / f"staged-{b}.mp4", settings, b)
+        f"staged batch {b}": functools.partial(staged_pass, detector, clip, folder / f"staged-{b}.mp4", settings, b)
         for b in workload.batch_sizes
     }
     default_batch = DEFAULT_BATCH_SIZE if DEFAULT_BATCH_SIZE in workload.batch_sizes else workload.batch_sizes[-1]
-    runs["annotate_video"] = lambda: annotate_pass(detector, clip, folder, settings, default_batch)
+    runs["annotate_video"] = functools.partial(annotate_pass, detector, clip, folder, settings, default_batch)
     results = interleaved(runs, repeats)
     staged = results[f"staged batch {default_batch}"]
     real = results["annotate_video"]
     print("  batch sizes (staged loop, end to end):")
     for batch_size in workload.batch_sizes:
-        print(f"    batch {batch_size:<3} {results[f'staged batch {batch_size}'].fps:8.1f} frames/s")
+        measured = results[f"staged batch {batch_size}"]
+        print(f"    batch {batch_size:<3} {measured.fps:8.1f} frames/s   CPU/wall {measured.cpu / measured.wall:.2f}")
     print_stages(f"where the time goes, batch {default_batch}", staged)
-    split = split_model_stage(detector, clip, settings, default_batch, repeats)
+    split = split_model_stage(detector, clip, settings, default_batch, samples=3)
     print_split(split)
-    print(f"  annotate_video (real, batch {default_batch}, + JSON/CSV records): {real.fps:.1f} frames/s "
-          f"{verdict(real.fps, SHAPES_TARGET_FPS)}")  # fmt: skip
+    print(f"  annotate_video (real, batch {default_batch}, + JSON/CSV records): {real.fps:.1f} frames/s, "
+          f"CPU/wall {real.cpu / real.wall:.2f} {verdict(real.fps, SHAPES_TARGET_FPS)}")  # fmt: skip
     return {
         "precision": detector.precision.name,
         "size": 256,
@@ -263,7 +269,13 @@ def bench_shapes(workload: Workload, repeats: int, folder: Path) -> dict[str, An
         "boxes_per_frame": staged.detections / staged.frames,
         "stages": staged.breakdown(),
         "model_stage_split": split,
-        "annotate_video": {"fps": real.fps, "seconds": real.wall, "frames": real.frames},
+        "annotate_video": {
+            "fps": real.fps,
+            "seconds": real.wall,
+            "frames": real.frames,
+            "cpu_per_wall": real.cpu / real.wall,
+        },
+        "cpu_per_wall": staged.cpu / staged.wall,
         "batch_sizes": {str(b): results[f"staged batch {b}"].fps for b in workload.batch_sizes},
         "target_fps": SHAPES_TARGET_FPS,
     }
@@ -282,7 +294,9 @@ def bench_r50(workload: Workload, repeats: int, folder: Path) -> dict[str, Any]:
     clip = write_mp4(folder / "r50.mp4", workload.r50_frames, workload.width, workload.height)
     model = r50_model()
     settings = DetectionSettings(size=480)
-    batch_size = 1  # a large model gains nothing from batching on 2 cores, and 1 is what keeps latency low
+    # Batching gains little for a large model on 2 cores (ddetr.runtime.allocator's notes: 1.07 -> 1.02 s per image
+    # at batch 4) and 16 frames at batch 8 would be two samples; batch 1 is also what a live stream runs.
+    batch_size = 1
     results: dict[str, Any] = {}
     for requested in ("bf16", "fp32"):
         detector = ObjectDetectionPipeline(
@@ -293,16 +307,16 @@ def bench_r50(workload: Workload, repeats: int, folder: Path) -> dict[str, Any]:
               f"{workload.width}x{workload.height}, batch {batch_size}")  # fmt: skip
         warm_up(detector, clip, settings, batch_size)
         runs: dict[str, Callable[[], Pass]] = {
-            "staged": lambda d=detector: staged_pass(d, clip, folder / "r50-staged.mp4", settings, batch_size),
-            "annotate_video": lambda d=detector: annotate_pass(d, clip, folder, settings, batch_size),
+            "staged": functools.partial(staged_pass, detector, clip, folder / "r50-staged.mp4", settings, batch_size),
+            "annotate_video": functools.partial(annotate_pass, detector, clip, folder, settings, batch_size),
         }
         measured = interleaved(runs, repeats)
         staged, real = measured["staged"], measured["annotate_video"]
         print_stages("where the time goes", staged)
-        split = split_model_stage(detector, clip, settings, batch_size, 1)
+        split = split_model_stage(detector, clip, settings, batch_size, samples=1)
         print_split(split)
         target = f" {verdict(real.fps, R50_TARGET_FPS)}" if requested == "bf16" else ""
-        print(f"  annotate_video (real): {real.fps:.2f} frames/s{target}")
+        print(f"  annotate_video (real): {real.fps:.2f} frames/s, CPU/wall {real.cpu / real.wall:.2f}{target}")
         results[requested] = {
             "precision": detector.precision.name,
             "fps": staged.fps,
@@ -310,6 +324,7 @@ def bench_r50(workload: Workload, repeats: int, folder: Path) -> dict[str, Any]:
             "stages": staged.breakdown(),
             "model_stage_split": split,
             "annotate_video": {"fps": real.fps, "seconds": real.wall, "frames": real.frames},
+            "cpu_per_wall": staged.cpu / staged.wall,
         }
     clip_info = {"frames": workload.r50_frames, "width": workload.width, "height": workload.height}
     results.update(size=480, batch_size=batch_size, target_fps_bf16=R50_TARGET_FPS, clip=clip_info)
@@ -322,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = keep_freed_memory()  # what ddetr.pipeline and the app do
     workload = QUICK if args.quick else FULL
     repeats = args.repeats or workload.repeats
+    # R50 passes take about a minute each on 2 cores: one per configuration unless asked for more.
+    r50_repeats = args.repeats or 1
     setup = {
         "cpu": cpu_model(),
         "cpus_visible": os.cpu_count(),
@@ -330,19 +347,21 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "load_average_at_start": os.getloadavg()[0],
         "keep_freed_memory": kept,
-        "repeats": repeats,
+        "repeats": {"shapes": repeats, "r50": r50_repeats},
         "quick": args.quick,
     }
     print(f"video benchmark on {setup['cpu']} ({setup['cpus_visible']} CPUs visible, native bf16: "
           f"{setup['native_bf16']}); torch {torch.__version__} with {setup['torch_threads']} threads; "
-          f"load average {setup['load_average_at_start']:.2f}; median of {repeats} passes")  # fmt: skip
+          f"load average {setup['load_average_at_start']:.2f}; "
+          f"median of {repeats} passes (R50: {r50_repeats})")  # fmt: skip
     results: dict[str, Any] = {"setup": setup}
     with tempfile.TemporaryDirectory(prefix="ddetr-video-bench-") as directory:
         folder = Path(directory)
         if "shapes" not in args.skip:
             results["shapes"] = bench_shapes(workload, repeats, folder)
         if "r50" not in args.skip:
-            results["r50"] = bench_r50(workload, repeats, folder)
+            results["r50"] = bench_r50(workload, r50_repeats, folder)
+    setup["load_average_at_end"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     summary = [f"shapes {results['shapes']['annotate_video']['fps']:.1f} frames/s"] if "shapes" in results else []
