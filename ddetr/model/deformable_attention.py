@@ -6,11 +6,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddetr.ops import ms_deform_attn
 from ddetr.ops.linear import Linear, fusable, linear
+from ddetr.ops.softmax import short_softmax
 from ddetr.runtime.precision import at_least_float32, float32_region
 
 
@@ -77,9 +77,7 @@ class MultiscaleDeformableAttention(nn.Module):
         # (batch, sequence, heads, head_dim)
         value = value.view(batch, sequence, self.heads, self.d_model // self.heads)
         # (batch, queries, heads, levels, points)
-        weights = F.softmax(
-            at_least_float32(self.attention_weights(query)).view(batch, queries, self.heads, -1), dim=-1
-        )
+        weights = short_softmax(at_least_float32(self.attention_weights(query)).view(batch, queries, self.heads, -1))
         weights = weights.view(batch, queries, self.heads, self.levels, self.points)
         locations = self._sampling_locations(query, reference_points, spatial_shapes)
         output = ms_deform_attn(value, spatial_shapes, locations, weights, implementation=self.implementation)
