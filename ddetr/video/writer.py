@@ -20,7 +20,7 @@ from ddetr.video.reader import require_av
 
 # suffix -> (encoder, codec options): fast presets, since encoding shares the CPU with the model.
 ENCODERS: dict[str, tuple[str, dict[str, str]]] = {
-    ".mp4": ("libx264", {"preset": "veryfast", "crf": "23"}),
+    ".mp4": ("libx264", {"preset": "ultrafast", "crf": "23"}),
     ".webm": ("libvpx-vp9", {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b": "0"}),
 }
 
