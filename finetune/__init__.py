@@ -1,6 +1,7 @@
 """finetune: a datasets-backed training engine for ddetr's Deformable DETR, with COCO evaluation, exact resume and
-torchrun support. The command line is ``python -m finetune`` (evaluation: ``python -m finetune.evaluate``); apps
-drive :mod:`finetune.api`."""
+torchrun support. The command line is ``python -m finetune`` (evaluation: ``python -m finetune.evaluate``; any
+dataset as a COCO zip: ``python -m finetune.export_coco``); apps drive :mod:`finetune.api`. Dataset formats:
+:mod:`finetune.data.formats`."""
 
 from finetune.api import TrainingRun, prepare_dataset, read_run, resume_config, resume_run, start_run
 from finetune.config import TrainConfig

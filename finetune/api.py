@@ -10,6 +10,11 @@
     data = prepare_dataset(config)        # validate (e.g. to show the report first), then train on it as it is:
     run = start_run(config, data=data)    # the run does not validate it again
 
+Datasets in any supported format (COCO, Roboflow, YOLO, Pascal VOC, Label Studio, CVAT, Hugging Face) are named by
+``config.dataset`` and, when detection from the layout is not wanted, ``config.dataset_format`` (one of
+``DATASET_FORMATS``); ``detect_format(folder)`` tells the format a folder would be read in, and
+``export_dataset(config, "out.zip")`` writes the dataset as a COCO zip.
+
 The run executes in a thread of this process (torch releases the interpreter lock in its kernels, so a web UI
 stays responsive). Nothing here imports a UI library.
 """
@@ -24,12 +29,28 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import RESUMABLE_OVERRIDES, TrainConfig
+from finetune.data.export_coco import CocoExport, export_coco
+from finetune.data.formats import DATASET_FORMATS
+from finetune.data.formats.detect import detect_format
 from finetune.data.prepare import PreparedData, prepare
 from finetune.run.files import METRICS, TRAIN_CONFIG, read_status
 from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
 from finetune.run.setup import data_settings
 from finetune.run.trainer import RunResult
+
+__all__ = [
+    "DATASET_FORMATS",
+    "CocoExport",
+    "TrainingRun",
+    "detect_format",
+    "export_dataset",
+    "prepare_dataset",
+    "read_run",
+    "resume_config",
+    "resume_run",
+    "start_run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +150,12 @@ def prepare_dataset(config: TrainConfig) -> PreparedData:
     ``validation_fraction``): the splits, class names and validation reports, to show and then to hand to
     ``start_run(config, data=...)``."""
     return prepare(data_settings(config))
+
+
+def export_dataset(config: TrainConfig, output_zip: str | Path) -> CocoExport:
+    """Write ``config.dataset`` (read in ``config.dataset_format``, validated with ``config.strict``) as a COCO zip;
+    see ``finetune.data.export_coco``."""
+    return export_coco(config.dataset, output_zip, format=config.dataset_format, strict=config.strict)
 
 
 def start_run(config: TrainConfig, data: PreparedData | None = None) -> TrainingRun:

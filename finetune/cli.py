@@ -14,6 +14,7 @@ from ddetr.runtime.precision import PRECISIONS
 from finetune.api import resume_config
 from finetune.config import SCHEDULES, TrainConfig
 from finetune.data.augment import AUGMENT_MODES
+from finetune.data.formats import DATASET_FORMATS
 from finetune.presets import PRESETS
 from finetune.run.launch import run_training
 
@@ -21,8 +22,11 @@ EXIT_DIVERGED = 3
 EXIT_BAD_INPUT = 2
 
 _EPILOG = """\
-dataset SRC: shapes[:train=N,validation=N,test=N,size=PX] (synthetic), a folder written by save_to_disk, a COCO JSON
-  file or COCO folder (Roboflow or COCO-2017 layout), an image folder with metadata.jsonl, or a Hugging Face hub id.
+dataset SRC: shapes[:train=N,validation=N,test=N,size=PX] (synthetic); a dataset folder or .zip in COCO (also Roboflow's
+  and COCO 2017's layouts), YOLO (data.yaml; Ultralytics or Roboflow layout), Pascal VOC, Label Studio JSON or CVAT
+  for images 1.1 format, detected from its layout (--dataset-format names it instead); a COCO or Label Studio JSON
+  file, a YOLO data.yaml or a CVAT annotations.xml; a folder written by save_to_disk; an image folder with
+  metadata.jsonl; or a Hugging Face hub id.
 model SRC: a preset ({presets}) trained from scratch, or a checkpoint folder / hub id to fine-tune (class heads are
   re-initialised when the dataset's classes differ).
 
@@ -53,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("what to train")
     add(group, "--dataset", "dataset", "dataset source (see below)", metavar="SRC")
+    add(
+        group,
+        "--dataset-format",
+        "dataset_format",
+        "format of --dataset; auto detects it from the folder's layout",
+        choices=DATASET_FORMATS,
+    )
     add(group, "--model", "model", "preset name, checkpoint folder or hub id", metavar="SRC")
     add(group, "--output-dir", "output_dir", "run folder: metrics, plots, checkpoints, final model", metavar="DIR")
     add(

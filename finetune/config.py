@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -11,6 +12,7 @@ from typing import Any
 
 from ddetr.runtime.precision import PRECISIONS
 from finetune.data.augment import AUGMENT_MODES
+from finetune.data.formats import DATASET_FORMATS, normalise_format
 
 SCHEDULES = ("step", "cosine")
 # The paper's backbone learning rate is a tenth of the rest's (2e-5 for 2e-4).
@@ -31,7 +33,8 @@ class TrainConfig:
     model's default (the preset's, or the checkpoint's preprocessor). ``dropout`` overrides the model's
     transformer dropout. ``threads`` sets torch's CPU threads for the whole process (None: torch's default); on a
     CPU shared with other jobs one thread per process is often much faster than several that wait on each other.
-    Bit-exact resume on CPU needs the same thread count as the interrupted run.
+    Bit-exact resume on CPU needs the same thread count as the interrupted run. ``dataset_format`` is the format
+    of ``dataset`` (``auto``: detected from its layout; or coco, yolo, voc, label-studio, cvat, hf).
     """
 
     dataset: str
@@ -70,8 +73,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     progress: bool = True
     resume: bool = False
+    dataset_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.dataset_format, str):
+            with contextlib.suppress(ValueError):  # validate() names the field
+                self.dataset_format = normalise_format(self.dataset_format)
         self.validate()
 
     @property
@@ -82,7 +89,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         if not isinstance(self.dataset, str) or not self.dataset:
-            raise ValueError("dataset must name a source (a folder, a COCO JSON file, a hub id or 'shapes')")
+            raise ValueError(
+                "dataset must name a source (a dataset folder or zip, a COCO JSON file, a hub id or 'shapes')"
+            )
+        if not isinstance(self.dataset_format, str) or self.dataset_format not in DATASET_FORMATS:
+            raise ValueError(f"dataset_format must be one of {DATASET_FORMATS}, got {self.dataset_format!r}")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a preset name, a checkpoint folder or a hub id")
         positive_ints = (

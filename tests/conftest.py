@@ -689,3 +689,322 @@ def chromium_executable() -> str:
         if found:
             return found
     pytest.skip("no Chromium found (apt-get install -y chromium, or set CHROMIUM_PATH)")
+
+
+# -- one small detection dataset, written independently in every supported export format ------------------------ #
+#
+# The writers below follow each format's documentation (not finetune's readers or exporter), so that a reader test
+# compares what the reader makes of a file with what the test meant to write.
+
+DETECTION_CLASSES = ("circle", "square", "triangle")
+# Layout name -> the format name ``finetune.data.formats.detect`` should report for it.
+DETECTION_LAYOUTS = {
+    "coco": "coco",
+    "coco-roboflow": "coco",
+    "yolo-ultralytics": "yolo",
+    "yolo-roboflow": "yolo",
+    "voc": "voc",
+    "voc-roboflow": "voc",
+    "label-studio": "label-studio",
+    "cvat": "cvat",
+    "hf-cppe5": "hf",
+    "hf-xyxy": "hf",
+}
+_ROBOFLOW_FOLDERS = {"train": "train", "validation": "valid", "test": "test"}
+_COCO_FOLDERS = {"train": "train", "validation": "val", "test": "test"}
+_CVAT_SUBSETS = {"train": "Train", "validation": "Validation", "test": "Test"}
+
+
+@dataclass(frozen=True)
+class SpecImage:
+    """One image of the spec: file name, size, PNG bytes and ``(class name, (x, y, w, h))`` objects in pixels."""
+
+    name: str
+    width: int
+    height: int
+    png: bytes
+    objects: tuple[tuple[str, tuple[float, float, float, float]], ...]
+
+
+@dataclass(frozen=True)
+class DetectionSpec:
+    """Three splits of small PNGs with float boxes of three classes, one background image (in test), and
+    ``write(layout, folder)`` to write them in one of ``DETECTION_LAYOUTS``."""
+
+    classes: tuple[str, ...]
+    splits: dict[str, tuple[SpecImage, ...]]
+
+    def write(self, layout: str, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        _DETECTION_WRITERS[layout](self, folder)
+        return folder
+
+
+def _spec_image(name: str, width: int, height: int, seed: int, objects) -> SpecImage:
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(128, 40, (height, width, 3)).clip(0, 255).astype(np.uint8)
+    image = PIL.Image.fromarray(noise).filter(PIL.ImageFilter.GaussianBlur(1.5))
+    draw = PIL.ImageDraw.Draw(image)
+    for label, (x, y, w, h) in objects:
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        if label == "circle":
+            draw.ellipse((x, y, x + w, y + h), fill=colour)
+        elif label == "square":
+            draw.rectangle((x, y, x + w, y + h), fill=colour)
+        else:
+            draw.polygon([(x, y + h), (x + w, y + h), (x + w / 2, y)], fill=colour)
+    return SpecImage(name, width, height, _encode(image, "PNG"), tuple(objects))
+
+
+@functools.cache
+def _detection_spec() -> DetectionSpec:
+    # Coordinates with two decimals (not exact in binary), never on the border, never 0.
+    splits = {
+        "train": (
+            _spec_image(
+                "a_train.png",
+                160,
+                120,
+                1,
+                [("circle", (12.37, 20.5, 40.25, 38.11)), ("square", (80.5, 30.25, 50.0, 44.75))],
+            ),
+            _spec_image("b_train.png", 144, 128, 2, [("triangle", (30.13, 40.87, 60.5, 50.25))]),
+            _spec_image(
+                "c_train.png",
+                176,
+                112,
+                3,
+                [
+                    ("square", (5.5, 6.25, 30.75, 28.5)),
+                    ("circle", (100.31, 50.69, 44.44, 40.4)),
+                    ("triangle", (60.2, 10.1, 30.3, 35.35)),
+                ],
+            ),
+        ),
+        "validation": (
+            _spec_image("d_val.png", 128, 96, 4, [("circle", (20.2, 15.15, 50.5, 48.48))]),
+            _spec_image(
+                "e_val.png", 150, 110, 5, [("triangle", (70.7, 30.3, 60.6, 55.5)), ("square", (10.1, 10.1, 40.4, 40.4))]
+            ),
+        ),
+        "test": (
+            _spec_image(
+                "f_test.png",
+                160,
+                128,
+                6,
+                [("square", (15.75, 25.25, 55.5, 50.125)), ("circle", (90.9, 40.4, 50.05, 52.52))],
+            ),
+            _spec_image("g_test.png", 136, 104, 7, [("triangle", (40.4, 20.2, 64.64, 60.06))]),
+            _spec_image("h_test_background.png", 120, 90, 8, []),
+        ),
+    }
+    return DetectionSpec(classes=DETECTION_CLASSES, splits=splits)
+
+
+@pytest.fixture(scope="session")
+def detection_spec() -> DetectionSpec:
+    """The spec dataset (see ``DetectionSpec``); ``detection_spec.write(layout, folder)`` writes one layout."""
+    return _detection_spec()
+
+
+@pytest.fixture(scope="session")
+def detection_layouts() -> dict[str, str]:
+    """Layout name -> the format name it should be detected as."""
+    return dict(DETECTION_LAYOUTS)
+
+
+def _put(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+
+
+def _coco_document(spec: DetectionSpec, images: tuple[SpecImage, ...], first_id: int, categories: list[dict]) -> dict:
+    ids = {category["name"]: category["id"] for category in categories}
+    entries, annotations = [], []
+    for offset, image in enumerate(images):
+        image_id = first_id + offset
+        entries.append({"id": image_id, "file_name": image.name, "width": image.width, "height": image.height})
+        for label, (x, y, w, h) in image.objects:
+            identifier = len(annotations) + 1 + first_id * 100
+            annotations.append({"id": identifier, "image_id": image_id, "category_id": ids[label],
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+    return {"images": entries, "annotations": annotations, "categories": categories}
+
+
+def _write_coco(spec: DetectionSpec, root: Path) -> None:
+    categories = [{"id": index + 1, "name": name, "supercategory": "shape"} for index, name in enumerate(spec.classes)]
+    for number, (split, images) in enumerate(spec.splits.items()):
+        folder = _COCO_FOLDERS[split]
+        for image in images:
+            _put(root / folder / image.name, image.png)
+        document = _coco_document(spec, images, 1 + 10 * number, categories)
+        _put(root / "annotations" / f"instances_{folder}.json", json.dumps(document))
+
+
+def _write_coco_roboflow(spec: DetectionSpec, root: Path) -> None:
+    # Roboflow's placeholder category 0, named after the project and unused, parent of the real ones.
+    categories = [{"id": 0, "name": "shapes-abc", "supercategory": "none"}]
+    categories += [{"id": i + 1, "name": name, "supercategory": "shapes-abc"} for i, name in enumerate(spec.classes)]
+    for number, (split, images) in enumerate(spec.splits.items()):
+        folder = root / _ROBOFLOW_FOLDERS[split]
+        for image in images:
+            _put(folder / image.name, image.png)
+        _put(folder / "_annotations.coco.json", json.dumps(_coco_document(spec, images, 10 * number, categories)))
+
+
+def _yolo_lines(spec: DetectionSpec, image: SpecImage) -> str:
+    lines = []
+    for label, (x, y, w, h) in image.objects:
+        cx, cy = (x + w / 2) / image.width, (y + h / 2) / image.height
+        lines.append(f"{spec.classes.index(label)} {cx!r} {cy!r} {w / image.width!r} {h / image.height!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_yolo(spec: DetectionSpec, root: Path, *, roboflow: bool) -> None:
+    for split, images in spec.splits.items():
+        for image in images:
+            stem = Path(image.name).stem
+            if roboflow:
+                folder = _ROBOFLOW_FOLDERS[split]
+                image_path, label_path = f"{folder}/images/{image.name}", f"{folder}/labels/{stem}.txt"
+            else:
+                folder = _COCO_FOLDERS[split]
+                image_path, label_path = f"images/{folder}/{image.name}", f"labels/{folder}/{stem}.txt"
+            _put(root / image_path, image.png)
+            if image.objects:  # a background image has no label file
+                _put(root / label_path, _yolo_lines(spec, image))
+    if roboflow:
+        names = "{" + ", ".join(f"{i}: {name}" for i, name in enumerate(spec.classes)) + "}"
+        text = f"train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\nnc: {len(spec.classes)}\n"
+        text += f"names: {names}\n"
+    else:
+        text = "path: .\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n"
+        text += "".join(f"  - {name}\n" for name in spec.classes)
+    _put(root / "data.yaml", text)
+
+
+def _voc_xml(image: SpecImage, folder: str) -> str:
+    objects = "".join(
+        f"<object><name>{label}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
+        f"<bndbox><xmin>{x!r}</xmin><ymin>{y!r}</ymin><xmax>{x + w!r}</xmax><ymax>{y + h!r}</ymax></bndbox></object>"
+        for label, (x, y, w, h) in image.objects
+    )
+    return (
+        f"<?xml version='1.0' encoding='utf-8'?>\n<annotation><folder>{folder}</folder>"
+        f"<filename>{image.name}</filename>"
+        f"<size><width>{image.width}</width><height>{image.height}</height><depth>3</depth></size>"
+        f"<segmented>0</segmented>{objects}</annotation>\n"
+    )
+
+
+def _write_voc(spec: DetectionSpec, root: Path) -> None:
+    for split, images in spec.splits.items():
+        for image in images:
+            _put(root / "JPEGImages" / image.name, image.png)
+            _put(root / "Annotations" / f"{Path(image.name).stem}.xml", _voc_xml(image, "JPEGImages"))
+        ids = "".join(f"{Path(image.name).stem}\n" for image in images)
+        _put(root / "ImageSets" / "Main" / f"{_COCO_FOLDERS[split]}.txt", ids)
+
+
+def _write_voc_roboflow(spec: DetectionSpec, root: Path) -> None:
+    for split, images in spec.splits.items():
+        folder = _ROBOFLOW_FOLDERS[split]
+        for image in images:
+            _put(root / folder / image.name, image.png)
+            _put(root / folder / f"{Path(image.name).stem}.xml", _voc_xml(image, folder))
+
+
+def _write_label_studio(spec: DetectionSpec, root: Path) -> None:
+    task_id = 1
+    for split, images in spec.splits.items():
+        tasks = []
+        for image in images:
+            _put(root / "images" / image.name, image.png)
+            results = [
+                {"id": f"r{task_id}-{n}", "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+                 "original_width": image.width, "original_height": image.height, "image_rotation": 0,
+                 "value": {"x": x / image.width * 100, "y": y / image.height * 100, "width": w / image.width * 100,
+                           "height": h / image.height * 100, "rotation": 0, "rectanglelabels": [label]}}
+                for n, (label, (x, y, w, h)) in enumerate(image.objects)
+            ]  # fmt: skip
+            tasks.append({"id": task_id, "data": {"image": f"/data/upload/1/{image.name}"},
+                          "annotations": [{"id": task_id, "result": results, "was_cancelled": False}],
+                          "predictions": []})  # fmt: skip
+            task_id += 1
+        _put(root / f"{_ROBOFLOW_FOLDERS[split]}.json", json.dumps(tasks, indent=1))
+
+
+def _write_cvat(spec: DetectionSpec, root: Path) -> None:
+    labels = "".join(f"<label><name>{name}</name><color>#ff0000</color><type>rectangle</type><attributes/></label>"
+                     for name in spec.classes)  # fmt: skip
+    parts = [f"<?xml version='1.0' encoding='utf-8'?>\n<annotations><version>1.1</version><meta><task><id>7</id>"
+             f"<name>shapes</name><labels>{labels}</labels></task></meta>"]  # fmt: skip
+    image_id = 0
+    for split, images in spec.splits.items():
+        subset = _CVAT_SUBSETS[split]
+        for image in images:
+            _put(root / "images" / subset / image.name, image.png)
+            boxes = "".join(
+                f'<box label="{label}" source="manual" occluded="0" xtl="{x!r}" ytl="{y!r}" xbr="{x + w!r}" '
+                f'ybr="{y + h!r}" z_order="0"></box>'
+                for label, (x, y, w, h) in image.objects
+            )
+            parts.append(f'<image id="{image_id}" name="{image.name}" subset="{subset}" width="{image.width}" '
+                         f'height="{image.height}">{boxes}</image>')  # fmt: skip
+            image_id += 1
+    parts.append("</annotations>\n")
+    _put(root / "annotations.xml", "\n".join(parts))
+
+
+def _write_hf(spec: DetectionSpec, root: Path, *, xyxy: bool) -> None:
+    import datasets
+
+    label = datasets.ClassLabel(names=list(spec.classes))
+    box = datasets.List(datasets.List(datasets.Value("float32"), length=4))
+    if xyxy:
+        objects = {"boxes": box, "labels": datasets.List(label)}
+        features = datasets.Features({"image": datasets.Image(), "objects": objects})
+    else:
+        objects = {"id": datasets.List(datasets.Value("int64")), "area": datasets.List(datasets.Value("float32")),
+                   "bbox": box, "category": datasets.List(label)}  # fmt: skip
+        features = datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("int64"),
+                                      "width": datasets.Value("int32"), "height": datasets.Value("int32"),
+                                      "objects": objects})  # fmt: skip
+    splits = {}
+    object_id = 1
+    for split, images in spec.splits.items():
+        rows: dict[str, list] = {name: [] for name in features}
+        for number, image in enumerate(images):
+            rows["image"].append({"bytes": image.png, "path": None})
+            classes = [spec.classes.index(name) for name, _ in image.objects]
+            if xyxy:
+                rows["objects"].append({"boxes": [[x, y, x + w, y + h] for _, (x, y, w, h) in image.objects],
+                                        "labels": classes})  # fmt: skip
+                continue
+            rows["image_id"].append(number)
+            rows["width"].append(image.width)
+            rows["height"].append(image.height)
+            rows["objects"].append({"id": list(range(object_id, object_id + len(classes))),
+                                    "area": [w * h for _, (_, _, w, h) in image.objects],
+                                    "bbox": [list(b) for _, b in image.objects], "category": classes})  # fmt: skip
+            object_id += len(classes)
+        splits[split] = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(root))
+
+
+_DETECTION_WRITERS: dict[str, Callable[[DetectionSpec, Path], None]] = {
+    "coco": _write_coco,
+    "coco-roboflow": _write_coco_roboflow,
+    "yolo-ultralytics": functools.partial(_write_yolo, roboflow=False),
+    "yolo-roboflow": functools.partial(_write_yolo, roboflow=True),
+    "voc": _write_voc,
+    "voc-roboflow": _write_voc_roboflow,
+    "label-studio": _write_label_studio,
+    "cvat": _write_cvat,
+    "hf-cppe5": functools.partial(_write_hf, xyxy=False),
+    "hf-xyxy": functools.partial(_write_hf, xyxy=True),
+}

@@ -31,7 +31,7 @@ NOT_SHIPPED_PREFIXES = ("tests/", "benchmarks/", "app_support/", "examples/", "m
 NOT_SHIPPED_FILES = ("app.py", "ddetr/bench.py", "requirements.txt", "requirements-dev.txt")
 CORE_REQUIREMENTS = ("torch", "numpy", "pillow", "scipy", "safetensors", "huggingface-hub")
 EXTRA_REQUIREMENTS = {
-    "train": ("datasets", "pycocotools", "tqdm"),
+    "train": ("datasets", "pycocotools", "tqdm", "defusedxml", "pyyaml"),
     "app": ("ddetr", "gradio", "pandas"),
     "export": ("onnx", "onnxruntime"),
     "video": ("av", "tqdm"),

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from finetune.data.categories import CategoryMap
+from finetune.data.formats.common import SPLIT_ALIASES
+from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
 from finetune.data.records import ImageRef, RawObject, RawRecord
 
 ROBOFLOW_NAME = "_annotations.coco.json"
+# The files ``datasets.save_to_disk`` writes (their feature lists may name "annotations" or "images").
+_NOT_COCO = frozenset({"dataset_info.json", "state.json", "dataset_dict.json"})
 
 
 def load_coco_json(path: Path) -> dict[str, Any]:
@@ -40,11 +45,14 @@ def load_coco_json(path: Path) -> dict[str, Any]:
 
 
 def looks_like_coco(path: Path) -> bool:
-    """Whether a JSON file holds COCO detection lists (checked cheaply, on the first few KB)."""
+    """Whether a JSON file holds COCO detection lists (checked cheaply, on the first few KB): an object naming
+    them. A Label Studio export, a list of tasks with their own "annotations", is not COCO."""
     try:
         with path.open("rb") as handle:
             head = handle.read(65536)
     except OSError:
+        return False
+    if not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
         return False
     return b'"images"' in head or b'"annotations"' in head or b'"categories"' in head
 
@@ -59,19 +67,40 @@ def split_name_for(path: Path) -> str:
     return label or "train"
 
 
+def _json_files(directory: Path, folder: str, depth: int) -> list[Path]:
+    """JSON files ``depth`` levels below ``directory/folder`` (1: in it), never through a symlink that leads
+    outside ``directory``."""
+    found = files_under(directory, directory / folder, suffixes=(".json",), max_depth=depth)
+    wanted = depth - 1 + (folder.count("/") + 1 if folder else 0)
+    return [
+        directory / item.relative
+        for item in found
+        if item.path is not None and item.relative.count("/") == wanted and Path(item.relative).name not in _NOT_COCO
+    ]
+
+
 def find_coco_files(directory: Path) -> dict[str, Path]:
-    """COCO annotation files of a dataset folder by split name; empty if the folder is not a COCO dataset."""
-    candidates = sorted(directory.glob(f"*/{ROBOFLOW_NAME}"))
-    if (directory / ROBOFLOW_NAME).is_file():
-        candidates.append(directory / ROBOFLOW_NAME)
+    """COCO annotation files of a dataset folder by split name; empty if the folder is not a COCO dataset. A single
+    file is the ``train`` split unless its folder or file name is a split name (``test/_annotations.coco.json``,
+    ``validation.json``)."""
+    directory = Path(os.path.abspath(directory))
+    top_level = _json_files(directory, "", 1)
+    candidates = [p for p in top_level + _json_files(directory, "", 2) if p.name == ROBOFLOW_NAME]
     if not candidates:
-        candidates = [p for p in sorted((directory / "annotations").glob("*.json")) if looks_like_coco(p)]
+        candidates = [p for p in _json_files(directory, "annotations", 1) if looks_like_coco(p)]
         candidates = [p for p in candidates if not p.name.startswith(("person_keypoints", "captions"))]
     if not candidates:
-        candidates = [p for p in sorted(directory.glob("*.json")) if looks_like_coco(p)]
+        candidates = [p for p in top_level if looks_like_coco(p)]
+    if len(candidates) == 1:
+        path = candidates[0]
+        if path.name == ROBOFLOW_NAME:
+            label = "" if path.parent == directory else path.parent.name
+        else:
+            label = path.stem
+        return {SPLIT_ALIASES.get(label.lower(), "train"): path}
     files: dict[str, Path] = {}
     for path in candidates:
-        name = split_name_for(path) if len(candidates) > 1 else "train"
+        name = "train" if path.parent == directory and path.name == ROBOFLOW_NAME else split_name_for(path)
         if name in files:
             raise ValueError(f"{directory}: both {files[name]} and {path} look like the {name!r} split")
         files[name] = path
@@ -81,11 +110,19 @@ def find_coco_files(directory: Path) -> dict[str, Path]:
 class CocoRecordSource:
     """One COCO annotation file as raw records; ``image_bytes`` returns the image path."""
 
-    def __init__(self, *, name: str, annotation_file: Path, image_root: Path | None = None) -> None:
+    def __init__(
+        self, *, name: str, annotation_file: Path, image_root: Path | None = None, dataset_root: Path | None = None
+    ) -> None:
         self.name = name
-        self.annotation_file = Path(annotation_file)
+        self.annotation_file = Path(os.path.abspath(annotation_file))
+        # Images must lie inside the dataset folder: the folder that was opened, else the annotation file's folder
+        # (its parent for a file inside ``annotations/``, the COCO 2017 layout).
+        here = self.annotation_file.parent
+        default_root = here.parent if here.name == "annotations" else here
+        self.dataset_root = Path(os.path.abspath(dataset_root)) if dataset_root is not None else default_root
         data = load_coco_json(self.annotation_file)
-        self.categories = CategoryMap.from_coco(data.get("categories", []))
+        self.raw_categories: list[Any] = data.get("categories", [])
+        self.categories = CategoryMap.from_coco(self.raw_categories)
         self._images: list[Any] = data["images"]
         self._annotations: list[Any] = data.get("annotations", [])
         self._roots = self._image_roots(image_root)
@@ -98,23 +135,28 @@ class CocoRecordSource:
         here, parent = self.annotation_file.parent, self.annotation_file.parent.parent
         tail = self.annotation_file.stem.split("_")[-1]  # instances_val2017 -> val2017
         roots = [here, here / "images", parent, parent / "images", parent / tail, parent / "images" / tail]
-        return list(dict.fromkeys(roots))
+        top = os.path.abspath(self.dataset_root)
+        return [root for root in dict.fromkeys(roots) if os.path.commonpath([os.path.abspath(root), top]) == top]
 
-    def _resolve(self, file_name: str) -> str | None:
-        """The image's path inside one of the roots; None (a missing image) for names that would leave them,
-        such as ``../../etc/passwd`` or an absolute path: annotation files are user input."""
-        inside = False
-        for root in self._roots:
-            candidate = root / file_name
-            if not candidate.resolve().is_relative_to(root.resolve()):
+    def _resolve(self, file_name: str) -> tuple[str | None, str | None]:
+        """The image's path inside one of the roots, or (None, why) for names that would leave the dataset folder,
+        such as ``../../etc/passwd`` or an absolute path elsewhere: annotation files are user input, and such a
+        name is refused without looking at what it names."""
+        first: str | None = None
+        refusal: str | None = None
+        for root in list(self._roots):
+            try:
+                candidate = resolve_inside(self.dataset_root, file_name, base=root, where=self.annotation_file.name)
+            except UnsafePathError as error:
+                refusal = str(error)
                 continue
-            inside = True
-            if candidate.is_file():
+            first = first or candidate
+            if os.path.isfile(candidate):
                 # The next image most likely lives in the same folder.
                 self._roots.remove(root)
                 self._roots.insert(0, root)
-                return str(candidate)
-        return str(self._roots[0] / file_name) if inside else None
+                return candidate, None
+        return first, (None if first is not None else refusal)
 
     def records(self) -> Iterator[RawRecord]:
         by_image: dict[Any, list[RawObject]] = defaultdict(list)
@@ -149,7 +191,12 @@ class CocoRecordSource:
         for position, entry in enumerate(self._images):
             entry = entry if isinstance(entry, dict) else {}
             file_name = entry.get("file_name")
-            image: ImageRef | None = self._resolve(file_name) if isinstance(file_name, str) and file_name else None
+            image: ImageRef | None = None
+            problem: tuple[str, str] | None = None
+            if isinstance(file_name, str) and file_name:
+                image, refusal = self._resolve(file_name)
+                if refusal is not None:
+                    problem = ("missing_image", refusal)
             identifier = entry.get("id")
             try:
                 objects = by_image.get(identifier, [])
@@ -164,6 +211,7 @@ class CocoRecordSource:
                 width=entry.get("width"),
                 height=entry.get("height"),
                 objects=objects,
+                problem=problem,
             )
 
     def image_bytes(self, image: ImageRef) -> bytes | str:

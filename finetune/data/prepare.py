@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from finetune.data.formats import normalise_format
 from finetune.data.records import DetectionSplit, Sample
 from finetune.data.sources import LoadedDataset, open_dataset
 from finetune.data.validation import ValidationReport, validate_split
@@ -22,6 +23,7 @@ class DataSettings:
     strict: bool = False
     seed: int = 0
     validation_fraction: float = 0.15
+    format: str = "auto"
 
     def differences(self, other: DataSettings) -> list[str]:
         """``name: ours -> theirs`` for every setting that differs from ``other``."""
@@ -104,16 +106,29 @@ def assemble(
 
 
 def prepare_data(
-    source: str, *, strict: bool = False, seed: int = 0, validation_fraction: float = 0.15
+    source: str,
+    *,
+    strict: bool = False,
+    seed: int = 0,
+    validation_fraction: float = 0.15,
+    format: str = "auto",
 ) -> PreparedData:
-    """Open ``source`` (see ``finetune.data.sources``), validate every split and assemble the splits."""
-    return prepare(DataSettings(source=str(source), strict=strict, seed=seed, validation_fraction=validation_fraction))
+    """Open ``source`` in ``format`` (see ``finetune.data.sources``; ``auto``: detected from the layout), validate
+    every split and assemble the splits."""
+    settings = DataSettings(
+        source=str(source),
+        strict=strict,
+        seed=seed,
+        validation_fraction=validation_fraction,
+        format=normalise_format(format),
+    )
+    return prepare(settings)
 
 
 def prepare(settings: DataSettings) -> PreparedData:
     """``prepare_data`` for the source and settings in ``settings``."""
     if not 0 <= settings.validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {settings.validation_fraction}")
-    loaded = open_dataset(settings.source)
+    loaded = open_dataset(settings.source, format=settings.format)
     samples, reports = validate_dataset(loaded, strict=settings.strict)
     return assemble(loaded, samples, settings=settings, reports=reports)

@@ -29,7 +29,11 @@ class RawObject:
 
 @dataclass
 class RawRecord:
-    """One image and its objects as stored. ``where`` names it in messages (split, position, id, file)."""
+    """One image and its objects as stored. ``where`` names it in messages (split, position, id, file).
+
+    ``problem``: why a record has no usable image, as the reader found it -- ``(kind, detail)`` with ``kind`` one
+    of validation's per-image problems (e.g. ``missing_image`` for a path leading outside the dataset folder);
+    validation counts it and drops the record."""
 
     where: str
     image: ImageRef | None
@@ -37,6 +41,7 @@ class RawRecord:
     width: Any
     height: Any
     objects: list[RawObject] = field(default_factory=list)
+    problem: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,11 @@ class Sample:
 
 
 class RecordSource(Protocol):
-    """One split of a dataset, as a format reader provides it."""
+    """One split of a dataset, as a format reader provides it.
+
+    A reader may also have ``orphan_annotations`` (descriptions of annotations that name no image) and
+    ``conversions`` (``(kind, description)`` pairs for objects it had to convert, such as a rotated box made
+    axis-aligned), both filled while ``records()`` runs; validation counts them."""
 
     name: str
 

@@ -1,18 +1,27 @@
 """Opening a detection dataset from any supported source, as raw records per split plus the class names.
 
-``open_dataset(source)`` accepts:
+``open_dataset(source, format="auto")`` accepts:
 
 * ``shapes`` or ``shapes:train=2000,validation=200,test=200,size=256`` -- the synthetic dataset (fixed seeds per
   split), generated once and cached under ``$DDETR_CACHE_DIR/shapes`` (default ``~/.cache/ddetr/shapes``);
+* a dataset folder (or a ``.zip`` of one, unpacked once under ``$DDETR_CACHE_DIR/archives``) in any of the formats
+  of ``finetune.data.formats``: COCO (also Roboflow's and COCO 2017's layouts), YOLO, Pascal VOC, Label Studio JSON,
+  CVAT for images 1.1, detected from the layout (``finetune.data.formats.detect``) unless ``format`` names one;
+* a COCO or Label Studio JSON file, a YOLO ``data.yaml`` or a CVAT ``annotations.xml``;
 * a directory written by ``DatasetDict.save_to_disk`` or ``Dataset.save_to_disk`` (the latter has one split);
-* a COCO JSON file, or a folder in a COCO layout (see ``finetune.data.coco_format``);
 * an image folder with ``metadata.jsonl`` (``{"file_name", "objects": {"bbox": [[x, y, w, h]], "category": [...]}}``,
   optionally in ``train/``, ``validation/``, ``test/`` sub-folders), loaded by ``datasets``' ``imagefolder``;
 * any other local folder ``datasets.load_dataset`` understands (parquet, arrow, ...), or a Hugging Face Hub id.
 
-Hugging Face datasets must follow the cppe-5 schema: an image column, ``objects`` with ``bbox`` (COCO
-``[x, y, w, h]`` pixels) and ``category`` (a ``ClassLabel``, names, or integers), optional ``image_id``, ``width``,
-``height`` and ``objects.id``.
+Hugging Face datasets need an image column and an ``objects`` column (a dict of lists or a list of dicts) in one
+of these schemas, chosen from the features:
+
+* ``objects.bbox`` as COCO ``[x, y, w, h]`` pixels (cppe-5);
+* ``objects.boxes`` as ``[x_min, y_min, x_max, y_max]`` pixels (torchvision's convention);
+* ``objects.xmin``, ``objects.ymin``, ``objects.xmax``, ``objects.ymax`` in pixels;
+
+each with a category field (``category``, ``categories``, ``category_id``, ``label`` or ``labels``: a
+``ClassLabel``, names, or integers) and optional ``image_id``, ``width``, ``height`` and ``objects.id``.
 """
 
 from __future__ import annotations
@@ -21,8 +30,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,66 +38,59 @@ import datasets
 
 from ddetr.checkpoint.hub import looks_like_repo_id
 from finetune.data.categories import CategoryMap
-from finetune.data.coco_format import CocoRecordSource, find_coco_files
-from finetune.data.records import ImageRef, RawObject, RawRecord, RecordSource
+from finetune.data.formats import normalise_format
+from finetune.data.formats.archive import unpack_zip
+from finetune.data.formats.coco import open_coco
+from finetune.data.formats.common import SPLIT_ALIASES, LoadedDataset, canonical_split
+from finetune.data.formats.cvat import open_cvat
+from finetune.data.formats.detect import detect, unwrap
+from finetune.data.formats.label_studio import open_label_studio
+from finetune.data.formats.voc import open_voc
+from finetune.data.formats.yolo import open_yolo
+from finetune.data.records import ImageRef, RawObject, RawRecord
 from finetune.data.shapes import make_shapes_dataset
 
-SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "validation": "validation",
-    "valid": "validation",
-    "val": "validation",
-    "dev": "validation",
-    "test": "test",
-    "testing": "test",
-}
+__all__ = ["SPLIT_ALIASES", "LoadedDataset", "canonical_split", "open_dataset"]
+
 SHAPES_DEFAULTS = {"train": 2000, "validation": 200, "test": 200, "size": 256}
 # Fixed seeds so that every ``--dataset shapes`` run sees the same images, and the splits never overlap.
 SHAPES_SEEDS = {"train": 1, "validation": 2, "test": 3}
 _CATEGORY_KEYS = ("category", "categories", "category_id", "label", "labels")
+_OPENERS: dict[str, Callable[[Path], LoadedDataset]] = {
+    "coco": open_coco,
+    "yolo": open_yolo,
+    "voc": open_voc,
+    "label-studio": open_label_studio,
+    "cvat": open_cvat,
+}
 
 
-@dataclass
-class LoadedDataset:
-    """Raw splits (canonical names ``train``/``validation``/``test`` where recognised) and the class map."""
-
-    splits: dict[str, RecordSource]
-    categories: CategoryMap
-    description: str
-
-
-def canonical_split(name: str) -> str:
-    return SPLIT_ALIASES.get(name.lower(), name)
-
-
-def open_dataset(source: str | os.PathLike) -> LoadedDataset:
-    """Open ``source`` (see the module doc); ValueError with a readable reason when it cannot be used."""
+def open_dataset(source: str | os.PathLike, *, format: str = "auto") -> LoadedDataset:
+    """Open ``source`` (see the module doc) in ``format`` (one of ``finetune.data.formats.DATASET_FORMATS``;
+    ``auto``: detected from the layout); ValueError with a readable reason when it cannot be used."""
+    chosen = normalise_format(format)
     text = str(source)
     if text == "shapes" or text.startswith("shapes:"):
+        if chosen not in ("auto", "hf"):
+            raise ValueError(f"the synthetic {text!r} dataset has no {chosen!r} format; use format 'auto'")
         return _open_shapes(text)
     path = Path(text).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".json":
-            raise ValueError(f"{path} is a file but not COCO JSON; pass a dataset folder, a .json file or a hub id")
-        return _open_coco({"train": path}, description=f"COCO file {path}")
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return _from_hf(datasets.load_from_disk(str(path)), description=f"saved dataset {path}")
-        coco_files = find_coco_files(path)
-        if coco_files:
-            return _open_coco(coco_files, description=f"COCO dataset {path}")
-        if _has_metadata(path):
-            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-            return _from_hf(loaded, description=f"image folder {path}")
-        try:
-            loaded = datasets.load_dataset(str(path))
-        except Exception as error:
-            raise ValueError(
-                f"cannot read {path} as a dataset ({type(error).__name__}: {error}); expected a save_to_disk "
-                "folder, COCO JSON, or an image folder with metadata.jsonl"
-            ) from None
-        return _from_hf(loaded, description=f"dataset folder {path}")
+    if path.exists():
+        described = path
+        if path.is_file() and path.suffix.lower() == ".zip":
+            path = unpack_zip(path, archives_cache_dir())
+            if chosen != "auto":
+                path = unwrap(path)
+        if chosen == "auto":
+            chosen, path = detect(path)
+        loaded = _open_local(path, chosen)
+        order = {name: rank for rank, name in enumerate(("train", "validation", "test"))}
+        loaded.splits = dict(sorted(loaded.splits.items(), key=lambda item: order.get(item[0], len(order))))
+        if described.suffix.lower() == ".zip" and described.is_file():
+            loaded.description = f"{loaded.description} (unpacked from {described})"
+        return loaded
+    if chosen not in ("auto", "hf"):
+        raise ValueError(f"dataset path {text!r} does not exist (format {chosen!r} needs a local folder or file)")
     if not looks_like_repo_id(text):
         raise ValueError(f"dataset path {text!r} does not exist")
     try:
@@ -98,9 +99,37 @@ def open_dataset(source: str | os.PathLike) -> LoadedDataset:
         raise ValueError(
             f"{text!r} is not a local folder, and loading it from the Hugging Face Hub failed "
             f"({type(error).__name__}: {error}). Without network access, pass a local folder (save_to_disk output, "
-            "COCO JSON or an image folder) instead"
+            "COCO, YOLO, VOC, Label Studio or CVAT export, or an image folder) instead"
         ) from None
     return _from_hf(loaded, description=f"hub dataset {text}")
+
+
+def _open_local(path: Path, chosen: str) -> LoadedDataset:
+    if chosen in _OPENERS:
+        return _OPENERS[chosen](path)
+    if path.is_file():
+        raise ValueError(f"{path} is a file; a Hugging Face dataset is a folder (save_to_disk output or data files)")
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _from_hf(datasets.load_from_disk(str(path)), description=f"saved dataset {path}")
+    if _has_metadata(path):
+        try:
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+        except Exception as error:
+            cause = error.__cause__ or error
+            raise ValueError(
+                f"cannot read the image folder {path} ({type(cause).__name__}: {cause}); its metadata.jsonl must name "
+                "image files inside the folder"
+            ) from None
+        return _from_hf(loaded, description=f"image folder {path}")
+    try:
+        loaded = datasets.load_dataset(str(path))
+    except Exception as error:
+        raise ValueError(
+            f"cannot read {path} as a dataset ({type(error).__name__}: {error}); expected a COCO, YOLO (data.yaml), "
+            "Pascal VOC (Annotations/), Label Studio (JSON task list) or CVAT (annotations.xml) export, a "
+            "save_to_disk folder, or an image folder with metadata.jsonl"
+        ) from None
+    return _from_hf(loaded, description=f"dataset folder {path}")
 
 
 def _has_metadata(path: Path) -> bool:
@@ -108,6 +137,20 @@ def _has_metadata(path: Path) -> bool:
     return any((path / name).is_file() for name in names) or any(
         (child / name).is_file() for child in path.iterdir() if child.is_dir() for name in names
     )
+
+
+def cache_root() -> Path:
+    """``$DDETR_CACHE_DIR``, else ``$XDG_CACHE_HOME/ddetr`` or ``~/.cache/ddetr`` (where ddetr caches too)."""
+    explicit = os.environ.get("DDETR_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "ddetr"
+
+
+def archives_cache_dir() -> Path:
+    """Where dataset zips are unpacked (one folder per zip content)."""
+    return cache_root().absolute() / "archives"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,11 +177,7 @@ def parse_shapes_spec(spec: str) -> dict[str, int]:
 
 def shapes_cache_dir() -> Path:
     """``$DDETR_CACHE_DIR/shapes``, else under ``$XDG_CACHE_HOME`` or ``~/.cache`` (where ddetr caches too)."""
-    explicit = os.environ.get("DDETR_CACHE_DIR")
-    if explicit:
-        return Path(explicit) / "shapes"
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "ddetr" / "shapes"
+    return cache_root() / "shapes"
 
 
 def shapes_dataset_dict(spec: str) -> datasets.DatasetDict:
@@ -176,26 +215,6 @@ def _open_shapes(spec: str) -> LoadedDataset:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# COCO
-
-
-def _open_coco(files: dict[str, Path], *, description: str) -> LoadedDataset:
-    splits = {
-        canonical_split(name): CocoRecordSource(name=canonical_split(name), annotation_file=path)
-        for name, path in files.items()
-    }
-    reference_name = "train" if "train" in splits else next(iter(splits))
-    categories = splits[reference_name].categories
-    for name, split in splits.items():
-        if split.categories.names != categories.names:
-            raise ValueError(
-                f"{description}: split {name!r} has categories {list(split.categories.names)} but "
-                f"{reference_name!r} has {list(categories.names)}; all splits must share one category list"
-            )
-    return LoadedDataset(splits=dict(splits), categories=categories, description=description)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face datasets
 
 
@@ -215,7 +234,34 @@ def _from_hf(loaded: Any, *, description: str) -> LoadedDataset:
         categories = CategoryMap.from_names(names)
     else:
         categories = CategoryMap.from_values(value for split in splits.values() for value in split.category_values())
-    return LoadedDataset(splits=dict(splits), categories=categories, description=description)
+    return LoadedDataset(splits=dict(splits), categories=categories, description=description, format="hf")
+
+
+def _describe_features(features: datasets.Features) -> str:
+    """``image (Image), objects (id, bbox, category)``: the columns, and the fields of ``objects``-like ones."""
+    shown = []
+    for key, value in features.items():
+        inner = getattr(value, "feature", value)
+        if isinstance(inner, dict):
+            shown.append(f"{key} ({', '.join(inner)})")
+        else:
+            shown.append(f"{key} ({type(value).__name__})")
+    return ", ".join(shown)
+
+
+_SCHEMAS = (
+    "objects.bbox [x, y, w, h] (cppe-5)",
+    "objects.boxes [x_min, y_min, x_max, y_max]",
+    "objects.xmin/ymin/xmax/ymax",
+)
+
+
+def _unknown_schema(name: str, features: datasets.Features, missing: str) -> ValueError:
+    return ValueError(
+        f"split {name!r}: not a detection schema this reader knows ({missing}); found the features "
+        f"{_describe_features(features)}. Expected an image column and 'objects' with one of "
+        f"{'; '.join(_SCHEMAS)}, and a category field ({', '.join(_CATEGORY_KEYS)})"
+    )
 
 
 def _objects_feature(features: datasets.Features) -> dict[str, Any]:
@@ -238,17 +284,21 @@ class HFRecordSource:
         if not image_columns:
             raise ValueError(f"split {name!r} has no image column (columns: {list(features)})")
         if "objects" not in features:
-            raise ValueError(
-                f"split {name!r} has no 'objects' column (columns: {list(features)}); expected the cppe-5 schema "
-                "with objects.bbox and objects.category"
-            )
+            raise _unknown_schema(name, features, "no 'objects' column")
         self.image_column = image_columns[0]
         object_fields = _objects_feature(features)
-        if "bbox" not in object_fields:
-            raise ValueError(f"split {name!r}: 'objects' has no 'bbox' field (fields: {list(object_fields)})")
+        # Which boxes: "bbox" (COCO xywh), "boxes" (xyxy) or "corners" (xmin/ymin/xmax/ymax fields).
+        if "bbox" in object_fields:
+            self.box_layout = "bbox"
+        elif "boxes" in object_fields:
+            self.box_layout = "boxes"
+        elif all(key in object_fields for key in ("xmin", "ymin", "xmax", "ymax")):
+            self.box_layout = "corners"
+        else:
+            raise _unknown_schema(name, features, f"'objects' has no box field among {list(object_fields)}")
         category_key = next((key for key in _CATEGORY_KEYS if key in object_fields), None)
         if category_key is None:
-            raise ValueError(f"split {name!r}: 'objects' has no category field (fields: {list(object_fields)})")
+            raise _unknown_schema(name, features, f"'objects' has no category field among {list(object_fields)}")
         self.category_key: str = category_key
         self._category_feature = object_fields[category_key]
         self.dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
@@ -268,7 +318,7 @@ class HFRecordSource:
             rows, categories = _object_rows(row["objects"], self.category_key, self.name)
             objects = [
                 RawObject(
-                    bbox=fields.get("bbox"), category=category, id=fields.get("id"), iscrowd=fields.get("iscrowd", 0)
+                    bbox=self._box(fields), category=category, id=fields.get("id"), iscrowd=fields.get("iscrowd", 0)
                 )
                 for fields, category in zip(rows, categories)
             ]
@@ -281,6 +331,25 @@ class HFRecordSource:
                 height=row.get("height"),
                 objects=objects,
             )
+
+    def _box(self, fields: dict[str, Any]) -> Any:
+        """The object's box as COCO ``[x, y, w, h]``; what is stored when it is not four numbers (validation
+        reports it)."""
+        if self.box_layout == "bbox":
+            return fields.get("bbox")
+        corners = (
+            fields.get("boxes")
+            if self.box_layout == "boxes"
+            else [fields.get(k) for k in ("xmin", "ymin", "xmax", "ymax")]
+        )
+        if (
+            isinstance(corners, (list, tuple))
+            and len(corners) == 4
+            and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in corners)
+        ):
+            x0, y0, x1, y1 = (float(value) for value in corners)
+            return [x0, y0, x1 - x0, y1 - y0]
+        return corners
 
     def image_bytes(self, image: ImageRef) -> bytes | str:
         stored = self.dataset[int(image)][self.image_column]

@@ -18,9 +18,13 @@ per image (the image is dropped, except for ``empty_image`` and ``size_mismatch`
                            decoded size)
     empty_image            no usable object is left (kept: a negative example)
 
-and ``orphan_annotation`` for COCO annotations whose image_id names no image. Crowd objects (``iscrowd=1``) are not
-problems; they are left out of training and counted as ``crowd_ignored``. With ``strict=True`` the first problem
-raises ``DatasetValidationError`` naming the record.
+and ``orphan_annotation`` for COCO annotations whose image_id names no image. A second record of a split naming
+the same image file is dropped as ``duplicate_image_id``; a path leading outside the dataset folder is a
+``missing_image`` (the reader never looks at it). Objects a reader converted (a rotated box made axis-aligned, a
+polygon reduced to its box, a shape that is not a box left out) are counted under ``conversions`` (documented
+behaviour of each reader, not problems: ``strict`` lets them through). Crowd objects
+(``iscrowd=1``) are not problems; they are left out of training and counted as ``crowd_ignored``. With
+``strict=True`` the first problem raises ``DatasetValidationError`` naming the record.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class ValidationReport:
     images_dropped: int = 0
     crowd_ignored: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PROBLEMS, 0))
+    conversions: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -94,6 +99,7 @@ class ValidationReport:
             "images_dropped": self.images_dropped,
             "crowd_ignored": self.crowd_ignored,
             "counts": dict(self.counts),
+            "conversions": dict(self.conversions),
             "examples": {key: list(value) for key, value in self.examples.items()},
         }
 
@@ -107,6 +113,9 @@ class ValidationReport:
             if self.counts[problem]:
                 example = self.examples.get(problem, [""])[0]
                 lines.append(f"    {problem:<22} {self.counts[problem]:>7}   e.g. {example}")
+        for kind, count in self.conversions.items():
+            example = self.examples.get(kind, [""])[0]
+            lines.append(f"    {kind:<22} {count:>7}   e.g. {example}")
         if not self.problem_count:
             lines.append("    no problems found")
         return "\n".join(lines)
@@ -137,10 +146,11 @@ def validate_split(
     samples: list[Sample] = []
     seen_image_ids: set[Any] = set()
     seen_object_ids: set[Any] = set()
+    seen_files: dict[str, str] = {}
     for raw in source.records():
         report.images_seen += 1
         report.objects_seen += len(raw.objects)
-        sample = _validate_record(raw, source, categories, record, seen_image_ids, seen_object_ids)
+        sample = _validate_record(raw, source, categories, record, seen_image_ids, seen_object_ids, seen_files)
         if sample is None:
             report.images_dropped += 1
             report.boxes_dropped += len(raw.objects)
@@ -149,6 +159,11 @@ def validate_split(
     for description in getattr(source, "orphan_annotations", []):
         record("orphan_annotation", source.name, description)
         report.boxes_dropped += 1
+    for kind, description in getattr(source, "conversions", []):
+        report.conversions[kind] = report.conversions.get(kind, 0) + 1
+        examples = report.examples.setdefault(kind, [])
+        if len(examples) < _EXAMPLES_PER_PROBLEM:
+            examples.append(description)
     report.images_kept = len(samples)
     report.objects_kept = sum(len(s.labels) for s in samples)
     return samples, report
@@ -161,10 +176,21 @@ def _validate_record(
     record: _Recorder,
     seen_image_ids: set[Any],
     seen_object_ids: set[Any],
+    seen_files: dict[str, str],
 ) -> Sample | None:
     if raw.image is None:
-        record("missing_image", raw.where, "the record names no image")
+        kind, detail = raw.problem or ("missing_image", "the record names no image")
+        record(kind, raw.where, detail)
         return None
+    if isinstance(raw.image, str):
+        if raw.image in seen_files:
+            record(
+                "duplicate_image_id",
+                raw.where,
+                f"the image file {raw.image} is already used by an earlier record ({seen_files[raw.image]})",
+            )
+            return None
+        seen_files[raw.image] = raw.where
     try:
         width, height = probe_image(source.image_bytes(raw.image))
     except FileNotFoundError as error:

@@ -20,6 +20,7 @@ from ddetr import DeformableDetrForObjectDetection
 from ddetr.processing import DeformableDetrImageProcessor
 from ddetr.runtime.precision import resolve_precision
 from finetune.data.collate import make_processor
+from finetune.data.formats import DATASET_FORMATS
 from finetune.data.prepare import PreparedData, prepare_data
 from finetune.data.records import DetectionSplit
 from finetune.evaluate.coco import CocoMetrics
@@ -86,16 +87,20 @@ def evaluate(
     validation_fraction: float = 0.0,
     seed: int = 42,
     context: DistributedContext | None = None,
+    dataset_format: str = "auto",
 ) -> CocoMetrics:
     """COCO metrics of the model at ``model_source`` on a split of ``dataset_source``.
 
     ``validation_fraction`` and ``seed`` re-create the validation split a training run held out of a dataset that
-    has none (use the run's values, e.g. from its train_config.json).
+    has none (use the run's values, e.g. from its train_config.json). ``dataset_format``: the dataset's format
+    (``auto``: detected from its layout).
     """
     own_context = context is None
     context = context or setup_distributed(device)
     try:
-        data = prepare_data(dataset_source, strict=strict, validation_fraction=validation_fraction, seed=seed)
+        data = prepare_data(
+            dataset_source, strict=strict, validation_fraction=validation_fraction, seed=seed, format=dataset_format
+        )
         chosen = choose_split(data, split)
         model = DeformableDetrForObjectDetection.from_pretrained(model_source).to(context.device).eval()
         return evaluate_model(
@@ -126,8 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         required=True,
         metavar="SRC",
-        help="dataset: a save_to_disk folder (with or without splits), COCO JSON or folder, image "
-        "folder with metadata.jsonl, hub id, or shapes[:...]",
+        help="dataset: a folder or .zip in COCO (also Roboflow), YOLO, Pascal VOC, Label Studio or CVAT format, a "
+        "save_to_disk folder (with or without splits), COCO JSON file, image folder with metadata.jsonl, hub id, or "
+        "shapes[:...]",
+    )
+    parser.add_argument(
+        "--dataset-format",
+        default="auto",
+        choices=DATASET_FORMATS,
+        help="format of --dataset (default: auto, detected from the folder's layout)",
     )
     parser.add_argument("--split", default=None, help="split to evaluate (default: test, else validation, else train)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch (default: 2)")
@@ -170,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             validation_fraction=arguments.validation_fraction,
             seed=arguments.seed,
             context=context,
+            dataset_format=arguments.dataset_format,
         )
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -57,6 +57,7 @@ def data_settings(config: TrainConfig) -> DataSettings:
     """The dataset source and the settings that decide a run's splits."""
     return DataSettings(
         source=config.dataset,
+        format=config.dataset_format,
         strict=config.strict,
         seed=config.seed,
         validation_fraction=config.validation_fraction,
@@ -74,7 +75,7 @@ def prepare_run_data(config: TrainConfig, context: DistributedContext) -> Prepar
     payload: tuple | None = None
     if context.is_main:
         try:
-            loaded = open_dataset(config.dataset)
+            loaded = open_dataset(config.dataset, format=config.dataset_format)
             samples, reports = validate_dataset(loaded, strict=config.strict)
             payload = ("ok", samples, reports)
         except (ValueError, DatasetValidationError) as error:
@@ -86,7 +87,7 @@ def prepare_run_data(config: TrainConfig, context: DistributedContext) -> Prepar
         raise (DatasetValidationError if payload[1] == "DatasetValidationError" else ValueError)(payload[2])
     _, samples, reports = payload
     if not context.is_main:
-        loaded = open_dataset(config.dataset)
+        loaded = open_dataset(config.dataset, format=config.dataset_format)
     return assemble(loaded, samples, settings=data_settings(config), reports=reports)
 
 
