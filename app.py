@@ -20,11 +20,14 @@ from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.finetune_tab import FinetuneTab
 from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, queue_options
+from app_support.label_store import dataset_folder
+from app_support.label_tab import KEYBOARD_JS, LabelTab
 from app_support.live_tab import LiveSettings, LiveTab
 from app_support.model_choices import ModelRegistry
 from app_support.paths import REPO_ROOT, AppPaths
 from app_support.training import TrainingJobs
 from app_support.video_tab import VideoSettings, VideoTab
+from app_support.visitors import Visitors
 from ddetr.runtime.allocator import keep_freed_memory
 from ddetr.runtime.precision import PRECISIONS
 from ddetr.runtime.threads import configure_threads
@@ -38,6 +41,7 @@ class AppConfig:
     model: str | None = None
     models_dir: Path | None = None
     data_dir: Path | None = None
+    labels_dir: Path | None = None
     runs_dir: Path | None = None
     max_loaded_models: int = 2
     # "auto": bf16 where native (>= 95% of fp32's top-100 detections kept), else fp32
@@ -59,7 +63,9 @@ def example_images(paths: AppPaths) -> dict[str, list[Path]]:
 def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
     """Build the Blocks app (not launched) and the folders it uses."""
     limit_pillow()
-    paths = AppPaths.from_root(REPO_ROOT, models=config.models_dir, data=config.data_dir, runs=config.runs_dir)
+    paths = AppPaths.from_root(
+        REPO_ROOT, models=config.models_dir, data=config.data_dir, runs=config.runs_dir, labels=config.labels_dir
+    )
     jobs = TrainingJobs(paths.runs)
     registry = ModelRegistry(paths.models, cli_model=config.model, finetuned=jobs.finished_models)
     detections = DownloadFolder(paths.scratch("detections"))
@@ -68,16 +74,44 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
     detect_tab = DetectTab(registry, detectors, detections)
     live_tab = LiveTab(registry, detectors, config.live)
     video_tab = VideoTab(registry, detectors, DownloadFolder(paths.scratch("videos"), keep=20), config.video)
+    visitors = Visitors(paths.labels)
+    label_tab = LabelTab(
+        visitors,
+        registry,
+        detectors,
+        work=paths.scratch("label-uploads"),
+        downloads=DownloadFolder(paths.scratch("label-exports"), keep=20),
+    )
+
+    def labelled_folder(token: str | None) -> Path | None:
+        folder = visitors.folder(token)
+        return dataset_folder(folder) if folder is not None else None
+
     # A folder of its own: the many small detection files must never prune away a trained model's zip.
-    finetune_tab = FinetuneTab(paths, jobs, registry, DownloadFolder(paths.scratch("models"), keep=10))
+    finetune_tab = FinetuneTab(
+        paths, jobs, registry, DownloadFolder(paths.scratch("models"), keep=10), labelled_folder=labelled_folder
+    )
 
     with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}")
+        visitor = label_tab.visitor_state()
         with gr.Tabs(selected="detect") as tabs:
             with gr.Tab("Detect", id="detect"):
                 detect = detect_tab.build(example_images(paths), live=live_tab, video=video_tab)
+            with gr.Tab("Label", id="label"):
+                label = label_tab.build(visitor)
             with gr.Tab("Fine-tune", id="finetune"):
-                finetune_tab.build(detect_model=detect["model"], tabs=tabs)
+                dataset_kind = finetune_tab.build(detect_model=detect["model"], tabs=tabs, visitor=visitor)
+        label["finetune"].click(
+            lambda: (gr.Tabs(selected="finetune"), "labelled"),
+            None,
+            [tabs, dataset_kind],
+            api_name="ui_finetune_labelled",
+            api_visibility="private",
+        )
+        load_fn, load_inputs, load_outputs = label["load"]
+        demo.load(load_fn, load_inputs, load_outputs, api_name="ui_label_session", api_visibility="private")
+        demo.load(None, js=KEYBOARD_JS)
         demo.load(
             detect_tab.select_model,
             [detect["model"]],
@@ -122,6 +156,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models-dir", type=Path, help="allow-listed folder of model directories (default: models/)")
     parser.add_argument("--data-dir", type=Path, help="allow-listed folder of datasets (default: data/)")
     parser.add_argument("--runs-dir", type=Path, help="where fine-tuning runs are written (default: runs/)")
+    parser.add_argument(
+        "--labels-dir", type=Path, help="where visitors' Label-tab datasets are kept (default: labels/)"
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -172,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         models_dir=args.models_dir,
         data_dir=args.data_dir,
         runs_dir=args.runs_dir,
+        labels_dir=args.labels_dir,
         precision=args.precision,
         live=LiveSettings(**live, mirror=not args.no_mirror_webcam),
         video=VideoSettings(**video),

@@ -1,11 +1,12 @@
-"""The four ways to name a training dataset in the UI, turned into a source string ``finetune`` can open.
+"""The five ways to name a training dataset in the UI, turned into a source string ``finetune`` can open.
 
 - the synthetic shapes dataset: sizes come from bounded sliders, never from free text, so nobody can ask the
   server to generate a million images;
 - a Hugging Face Hub dataset id: checked to look like one, and refused when it also names a local path (the
   dataset reader tries local paths first, so ``data`` or ``.git`` must not slip through as "hub ids");
 - a path under the allow-listed data folder (see ``paths.resolve_inside``);
-- an uploaded zip, unpacked safely into the app's private work area (see ``archives``).
+- an uploaded zip, unpacked safely into the app's private work area (see ``archives``);
+- the visitor's own dataset from the Label tab (found through their browser token, never through a typed path).
 
 Local datasets are also checked for annotation files naming images outside their folder.
 """
@@ -20,12 +21,13 @@ from typing import Literal
 from app_support.archives import check_dataset_references, extract_zip
 from app_support.paths import AppPaths, resolve_inside
 
-DatasetKind = Literal["shapes", "hub", "folder", "upload"]
+DatasetKind = Literal["shapes", "hub", "folder", "upload", "labelled"]
 DATASET_KINDS: tuple[tuple[str, DatasetKind], ...] = (
     ("Synthetic shapes", "shapes"),
     ("Hugging Face Hub dataset", "hub"),
     ("Folder under data/", "folder"),
     ("Upload a zip", "upload"),
+    ("My labelled images (Label tab)", "labelled"),
 )
 SHAPES_TRAIN_RANGE = (8, 2000)
 SHAPES_VALIDATION_RANGE = (2, 400)
@@ -83,6 +85,13 @@ def upload_choice(paths: AppPaths, uploaded_file: str | None) -> DatasetChoice:
     return DatasetChoice(str(root), f"uploaded {Path(uploaded_file).name}")
 
 
+def labelled_choice(folder: Path | None) -> DatasetChoice:
+    """The visitor's own Label-tab dataset (``folder`` is None when the browser's session is unknown)."""
+    if folder is None or not (folder / "annotations.json").is_file():
+        raise DatasetChoiceError("no labelled images yet: label some in the Label tab first")
+    return DatasetChoice(str(folder), "your labelled images")
+
+
 def data_folder_entries(paths: AppPaths) -> list[str]:
     """Top-level entries of the data folder, offered in the picker (a deeper relative path may also be typed)."""
     if not paths.data.is_dir():
@@ -102,6 +111,7 @@ def resolve_dataset(
     hub_id: str = "",
     folder: str = "",
     upload: str | None = None,
+    labelled: Path | None = None,
 ) -> DatasetChoice:
     """The dataset the form describes; ``DatasetChoiceError`` / ``PathNotAllowedError`` / ``ArchiveError`` if none."""
     if kind == "shapes":
@@ -112,4 +122,6 @@ def resolve_dataset(
         return folder_choice(paths, folder)
     if kind == "upload":
         return upload_choice(paths, upload)
+    if kind == "labelled":
+        return labelled_choice(labelled)
     raise DatasetChoiceError(f"unknown dataset kind {kind!r}; choose one of {[k for _, k in DATASET_KINDS]}")

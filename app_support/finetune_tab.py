@@ -16,6 +16,7 @@ import html
 import math
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class DatasetForm:
     hub_id: str
     folder: str
     upload: str | None
+    visitor: str | None = None  # the browser's token (gr.BrowserState), for the Label tab's dataset
 
 
 def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -130,8 +132,17 @@ def status_html(snapshot: JobSnapshot, paths: AppPaths) -> str:
 
 
 class FinetuneTab:
-    def __init__(self, paths: AppPaths, jobs: TrainingJobs, registry: ModelRegistry, downloads: DownloadFolder) -> None:
+    def __init__(
+        self,
+        paths: AppPaths,
+        jobs: TrainingJobs,
+        registry: ModelRegistry,
+        downloads: DownloadFolder,
+        *,
+        labelled_folder: Callable[[str | None], Path | None] = lambda token: None,
+    ) -> None:
         self.paths = paths
+        self.labelled_folder = labelled_folder
         self.jobs = jobs
         self.registry = registry
         self.downloads = downloads
@@ -155,6 +166,7 @@ class FinetuneTab:
             hub_id=form.hub_id,
             folder=form.folder,
             upload=form.upload,
+            labelled=self.labelled_folder(form.visitor) if form.kind == "labelled" else None,
         )
         if form.kind == "upload" and form.upload:
             self._uploads = {form.upload: choice}
@@ -188,9 +200,10 @@ class FinetuneTab:
         image_size: int,
         eval_every: int,
         save_every: int,
+        visitor: str | None = None,
     ) -> str:
         """Start a training job (one per server); returns the run's name."""
-        form = DatasetForm(kind, shapes_train, shapes_validation, shapes_size, hub_id, folder, upload)
+        form = DatasetForm(kind, shapes_train, shapes_validation, shapes_size, hub_id, folder, upload, visitor)
         choice = self._dataset(form)
         # TrainConfig settings; 0 in the "max steps" and "image size" fields means "not set".
         settings = {
@@ -323,7 +336,8 @@ class FinetuneTab:
 
     # -- layout ------------------------------------------------------------------------------------------------- #
 
-    def build(self, *, detect_model: gr.Dropdown, tabs: gr.Tabs) -> None:
+    def build(self, *, detect_model: gr.Dropdown, tabs: gr.Tabs, visitor: gr.BrowserState) -> gr.Radio:
+        """``visitor`` is the browser's token (the Label tab's dataset); returns the dataset-kind picker."""
         """Create the tab's components inside the current ``gr.Tab`` and wire their events."""
         private = {"api_visibility": "private"}
         control = {"concurrency_id": "finetune_control", "concurrency_limit": 1}
@@ -355,7 +369,12 @@ class FinetuneTab:
                         label="Path under data/ (COCO JSON + images, image folder + metadata.jsonl, or save_to_disk)",
                     )
                 with gr.Group(visible=False) as upload_group:
-                    upload = gr.File(file_types=[".zip"], label="Dataset zip (COCO JSON + images, or metadata.jsonl)")
+                    upload = gr.File(
+                        file_types=[".zip"],
+                        label="Dataset zip (COCO, YOLO, Pascal VOC, Label Studio, CVAT, or images + metadata.jsonl)",
+                    )
+                with gr.Group(visible=False) as labelled_group:
+                    gr.Markdown("The images you labelled in the Label tab (saved as COCO in your own folder).")
                 check = gr.Button("Check dataset", elem_id="check-dataset")
                 report = gr.Code(label="Validation report", language=None, interactive=False, lines=6)
                 preview = gr.Gallery(label="Training images with their boxes", columns=4, height=220)
@@ -376,7 +395,9 @@ class FinetuneTab:
                         minimum=0,
                         elem_id="max-steps",
                     )
-                    batch_size = gr.Slider(1, 16, value=initial.batch_size, step=1, label="Batch size")
+                    batch_size = gr.Slider(
+                        1, 16, value=initial.batch_size, step=1, label="Batch size", elem_id="batch-size"
+                    )
                 with gr.Row():
                     lr = gr.Number(initial.lr, label="Learning rate", minimum=1e-7, maximum=1e-2)
                     image_size = gr.Dropdown(
@@ -429,7 +450,13 @@ class FinetuneTab:
             )
         version = gr.State(None)
 
-        groups = {"shapes": shapes_group, "hub": hub_group, "folder": folder_group, "upload": upload_group}
+        groups = {
+            "shapes": shapes_group,
+            "hub": hub_group,
+            "folder": folder_group,
+            "upload": upload_group,
+            "labelled": labelled_group,
+        }
         kind.change(
             lambda value: [gr.update(visible=value == name) for name in groups],
             kind,
@@ -438,9 +465,14 @@ class FinetuneTab:
             api_name="ui_dataset_kind",
         )
         dataset_inputs = [kind, shapes_train, shapes_validation, shapes_size, hub_id, folder, upload]
-        check.click(self.check_dataset, dataset_inputs, [report, preview], **control, **private, api_name="ui_check")
+        check.click(
+            self.check_dataset, [*dataset_inputs, visitor], [report, preview], **control, **private, api_name="ui_check"
+        )
         settings_inputs = [base_model, epochs, max_steps, batch_size, lr, image_size, eval_every, save_every]
-        start.click(self.start, dataset_inputs + settings_inputs, notice, **control, api_name="finetune_start")
+        # The browser's token goes last: state is not part of the API, so /finetune_start keeps its arguments.
+        start.click(
+            self.start, [*dataset_inputs, *settings_inputs, visitor], notice, **control, api_name="finetune_start"
+        )
         stop.click(self.stop, None, notice, queue=False, api_name="finetune_stop")
         resume.click(self.resume, resumable, notice, **control, api_name="finetune_resume")
         poll_outputs = [status, loss_plot, map_plot, metrics, predictions, use, download, resumable, version]
@@ -474,3 +506,4 @@ class FinetuneTab:
             concurrency_limit=8,
             api_name="finetune_stream",
         )
+        return kind

@@ -27,6 +27,7 @@ class AppPaths:
     data: Path  # allow-listed: datasets a user may point the fine-tune tab at
     runs: Path  # fine-tuning runs written by this app
     examples: Path  # example images shipped with the repo
+    labels: Path  # visitors' Label-tab datasets, one folder per browser token (never listed or served)
     work: Path  # extracted uploads, JSON downloads, zipped models
 
     @classmethod
@@ -37,6 +38,7 @@ class AppPaths:
         models: Path | None = None,
         data: Path | None = None,
         runs: Path | None = None,
+        labels: Path | None = None,
         work: Path | None = None,
     ) -> AppPaths:
         work_dir = work if work is not None else Path(tempfile.gettempdir()) / f"ddetr-app-{os.getpid()}"
@@ -45,9 +47,10 @@ class AppPaths:
             data=Path(data or root / "data").resolve(),
             runs=Path(runs or root / "runs").resolve(),
             examples=(root / "examples").resolve(),
+            labels=Path(labels or root / "labels").resolve(),
             work=Path(work_dir).resolve(),
         )
-        for folder in (paths.runs, paths.work):
+        for folder in (paths.runs, paths.labels, paths.work):
             folder.mkdir(parents=True, exist_ok=True)
         return paths
 
@@ -56,6 +59,7 @@ class AppPaths:
         for folder, name in (
             (self.work, "<upload>"),
             (self.runs, "runs"),
+            (self.labels, "labels"),
             (self.data, "data"),
             (self.models, "models"),
         ):

@@ -211,7 +211,7 @@ def test_the_form_starts_at_the_app_training_defaults(tab: FinetuneTab):
         with gr.Tab("Detect", id="detect"):
             detect_model = gr.Dropdown([], label="Model")
         with gr.Tab("Fine-tune", id="finetune"):
-            tab.build(detect_model=detect_model, tabs=tabs)
+            tab.build(detect_model=detect_model, tabs=tabs, visitor=gr.BrowserState(None))
     fields = {getattr(block, "label", None): block for block in demo.blocks.values()}
     initial = {
         "epochs": fields["Epochs"].value,
@@ -294,7 +294,7 @@ def test_download_onnx_needs_a_finished_job(tab: FinetuneTab):
         with gr.Tab("Detect", id="detect"):
             detect_model = gr.Dropdown([], label="Model")
         with gr.Tab("Fine-tune", id="finetune"):
-            tab.build(detect_model=detect_model, tabs=tabs)
+            tab.build(detect_model=detect_model, tabs=tabs, visitor=gr.BrowserState(None))
     buttons = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "download-onnx"]
     assert len(buttons) == 1 and buttons[0].value == "Download ONNX" and buttons[0].interactive is False
 
@@ -376,3 +376,21 @@ def test_download_onnx_exports_a_finished_run_once_and_matches_pytorch(
     (logits,) = session.run(["logits"], {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()})
     assert logits.shape == expected.shape
     assert np.abs(logits - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["coco-roboflow", "yolo-roboflow", "voc", "label-studio", "cvat"])
+def test_uploaded_zips_in_every_layout_are_checked(tab: FinetuneTab, tmp_path: Path, detection_spec, layout: str):
+    folder = detection_spec.write(layout, tmp_path / "layout" / "dataset")
+    archive = tmp_path / f"{layout}.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                bundle.write(file, f"dataset/{file.relative_to(folder).as_posix()}")
+    report, gallery = tab.check_dataset(*form(kind="upload", upload=str(archive)))
+    assert f"{len(detection_spec.classes)} classes" in report
+    assert gallery
+
+
+def test_labelled_kind_needs_the_visitors_own_dataset(tab: FinetuneTab):
+    with pytest.raises(gr.Error, match="label some in the Label tab"):
+        tab.check_dataset(*form(kind="labelled"), "a" * 32)

@@ -32,7 +32,7 @@ NOT_SHIPPED_FILES = ("app.py", "ddetr/bench.py", "requirements.txt", "requiremen
 CORE_REQUIREMENTS = ("torch", "numpy", "pillow", "scipy", "safetensors", "huggingface-hub")
 EXTRA_REQUIREMENTS = {
     "train": ("datasets", "pycocotools", "tqdm", "defusedxml", "pyyaml"),
-    "app": ("ddetr", "gradio", "pandas"),
+    "app": ("ddetr", "gradio", "gradio-image-annotation", "pandas"),
     "export": ("onnx", "onnxruntime"),
     "video": ("av", "tqdm"),
 }

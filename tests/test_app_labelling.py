@@ -1,0 +1,85 @@
+"""The Label tab's storage and visitor identity, without a browser."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import PIL.Image
+import pytest
+
+from app_support.label_store import LabelStore, dataset_folder
+from app_support.visitors import Visitors
+from finetune.data.prepare import DataSettings, prepare
+
+SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes"
+
+
+def photos(folder: Path, count: int) -> list[Path]:
+    paths = []
+    for index in range(count):
+        path = folder / f"photo{index}.png"
+        PIL.Image.new("RGB", (80 + index, 60), (index * 40 % 255, 90, 140)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_tokens_are_issued_by_the_server_and_never_paths(tmp_path: Path):
+    visitors = Visitors(tmp_path / "visitors")
+    token, folder = visitors.claim(None)
+    assert folder.is_dir() and folder.parent == tmp_path / "visitors" and len(token) == 32
+    assert visitors.claim(token) == (token, folder)  # a reload keeps the same folder
+    (tmp_path / "secret").mkdir()
+    for forged in ("../secret", "/etc", "", "x" * 32, token[:-1], None, 42):
+        assert visitors.folder(forged) is None  # type: ignore[arg-type]
+        fresh, other = visitors.claim(forged)  # type: ignore[arg-type]
+        assert fresh != token and other != folder and other.parent == tmp_path / "visitors"
+
+
+def test_every_change_is_saved_and_survives_a_restart(tmp_path: Path):
+    store = LabelStore(tmp_path / "visitor")
+    added, problems = store.add_images(photos(tmp_path, 3))
+    assert (added, problems) == (3, [])
+    assert store.add_images(photos(tmp_path, 1)) == (0, [])  # the same photo again is skipped
+    store.set_classes(["cat", " dog ", "cat", ""])
+    assert store.classes == ["cat", "dog"]
+    store.save_boxes(0, [{"label": "dog", "xmin": -5, "ymin": 10, "xmax": 50.5, "ymax": 200}], background=False)
+    store.save_boxes(1, [{"label": "bird", "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20}], background=False)
+    store.save_boxes(2, [], background=True)
+
+    reopened = LabelStore(tmp_path / "visitor")  # what a server restart sees
+    assert [image.status for image in reopened.images] == ["labelled", "unlabelled", "background"]
+    assert reopened.images[0].boxes == [{"label": "dog", "xmin": 0.0, "ymin": 10.0, "xmax": 50.5, "ymax": 60.0}]
+    assert reopened.labelled_count() == 2 and reopened.class_counts() == {"cat": 0, "dog": 1}
+    assert not list(tmp_path.rglob("*.partial"))
+
+    # What finetune reads: the labelled image and the background one, with the class list.
+    prepared = prepare(DataSettings(source=str(dataset_folder(tmp_path / "visitor")), validation_fraction=0))
+    assert prepared.class_names == ["cat", "dog"]
+    (train,) = prepared.splits.values()
+    assert len(train) == 2
+    coco = json.loads((dataset_folder(tmp_path / "visitor") / "annotations.json").read_text())
+    assert coco["annotations"][0]["bbox"] == [0.0, 10.0, 50.5, 50.0]
+    assert [image["width"] for image in coco["images"]] == [80, 82]
+
+
+def test_removing_a_class_removes_its_boxes(tmp_path: Path):
+    store = LabelStore(tmp_path / "visitor")
+    store.add_images(photos(tmp_path, 1))
+    store.set_classes(["cat", "dog"])
+    store.save_boxes(0, [{"label": "cat", "xmin": 1, "ymin": 1, "xmax": 30, "ymax": 30}], background=False)
+    store.set_classes(["dog"])
+    assert store.images[0].boxes == [] and store.images[0].status == "unlabelled"
+    with pytest.raises(ValueError, match="at least one class"):
+        store.set_classes([" ", ""])
+
+
+def test_bad_uploads_are_reported_by_name_and_nothing_else_changes(tmp_path: Path, truncated_png):
+    store = LabelStore(tmp_path / "visitor")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    added, problems = store.add_images([text, truncated_png(tmp_path / "cut.png"), *photos(tmp_path, 1)])
+    assert added == 1
+    assert len(problems) == 2 and problems[0].startswith("notes.png") and problems[1].startswith("cut.png")
+    with pytest.raises(ValueError, match="no image 5"):
+        store.save_boxes(4, [], background=True)
