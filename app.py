@@ -79,6 +79,7 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
         visitors,
         registry,
         detectors,
+        jobs=jobs,
         work=paths.scratch("label-uploads"),
         downloads=DownloadFolder(paths.scratch("label-exports"), keep=20),
     )

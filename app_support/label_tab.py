@@ -4,7 +4,8 @@ Each browser is a visitor (``visitors``: a server-issued token kept in ``gr.Brow
 its own folder (``label_store``), saved after every change, so a reload or a server restart loses nothing. Boxes
 are drawn with ``gradio_image_annotation`` (draw: drag on the image; move/resize: drag a box or its handles;
 relabel: double-click; delete: select and press Delete). Images are stepped through with the buttons or with the
-Alt+← / Alt+→ keys. "Fine-tune on this dataset" hands the folder to the Fine-tune tab.
+Alt+← / Alt+→ keys. Label assist pre-fills boxes from any listed model or from the fine-tuning run's latest
+checkpoint. "Fine-tune on this dataset" hands the folder to the Fine-tune tab.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from app_support.downloads import DownloadFolder
 from app_support.errors import user_errors
 from app_support.label_store import IMAGE_SUFFIXES, LabelStore
 from app_support.model_choices import ModelRegistry
+from app_support.training import TrainingJobs
 from app_support.visitors import BROWSER_SECRET, BROWSER_STORAGE_KEY, Visitors
 from finetune.data.export_coco import export_coco
 
 ASSIST_THRESHOLD = 0.5
+CURRENT_RUN = "current-run"  # label assist from the fine-tuning run's latest checkpoint
 # Alt+arrow keys step through the images (plain arrows belong to text fields and sliders).
 KEYBOARD_JS = """
 () => {
@@ -57,9 +60,11 @@ class LabelTab:
         registry: ModelRegistry,
         detectors: DetectorCache,
         *,
+        jobs: TrainingJobs,
         work: Path,
         downloads: DownloadFolder,
     ) -> None:
+        self.jobs = jobs
         self.visitors = visitors
         self.registry = registry
         self.detectors = detectors
@@ -149,8 +154,15 @@ class LabelTab:
             raise ValueError("upload images first")
         if not store.classes:
             raise ValueError("name your classes first: boxes are matched to them by name")
-        choice = self.registry.get(model_key) if model_key else self.registry.default()
-        detector = self.detectors.get(choice)
+        if model_key == CURRENT_RUN:
+            found = self.jobs.checkpoint_detector()
+            if found is None:
+                raise ValueError("the fine-tuning run has no checkpoint yet")
+            (run_name, step), detector = found
+            source = f"run {run_name} at step {step}"
+        else:
+            choice = self.registry.get(model_key) if model_key else self.registry.default()
+            detector, source = self.detectors.get(choice), choice.label
         with self.detectors.inference_lock:
             (candidates,) = detector.candidates([store.image_path(index)])
         by_name = {name.lower(): name for name in store.classes}
@@ -160,7 +172,7 @@ class LabelTab:
             if d["label"].lower() in by_name
         ]
         if not boxes:
-            gr.Info(f"{choice.label} found nothing of your classes above {threshold:.2f}")
+            gr.Info(f"{source} found nothing of your classes above {threshold:.2f}")
         store.save_boxes(index, boxes, background=False)
         return self._view(store, index)
 
@@ -208,7 +220,10 @@ class LabelTab:
             following = gr.Button("Next →", elem_id="label-next")
         with gr.Row():
             assist_model = gr.Dropdown(
-                self.registry.dropdown_choices(), value=None, label="Label assist: model", scale=3
+                [*self.registry.dropdown_choices(), ("the run being fine-tuned (latest checkpoint)", CURRENT_RUN)],
+                value=None,
+                label="Label assist: model",
+                scale=3,
             )
             assist_threshold = gr.Slider(0.05, 0.95, value=ASSIST_THRESHOLD, step=0.05, label="above score")
             assist = gr.Button("Pre-fill boxes", elem_id="label-assist")

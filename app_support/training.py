@@ -156,6 +156,8 @@ class TrainingJobs:
         self._checked: PreparedData | None = None
         self._validation_images: list[PIL.Image.Image] = []
         self._predictions: tuple[tuple[str | None, int], list[tuple[PIL.Image.Image, list[dict]]]] = ((None, -1), [])
+        self._detector: tuple[tuple[str | None, int], ddetr.ObjectDetectionPipeline | None] = ((None, -1), None)
+        self._detector_lock = threading.Lock()
 
     # -- control ------------------------------------------------------------------------------------------------ #
 
@@ -261,18 +263,33 @@ class TrainingJobs:
         model_dir = run.output_dir / MODEL_DIR if state == "finished" else None
         return JobSnapshot(name, state, step, max(total, step), message, records, model_dir)
 
-    def predictions(self) -> list[tuple[PIL.Image.Image, list[dict[str, Any]]]]:
-        """The latest checkpoint's detections on a few validation images (recomputed only for a new checkpoint)."""
+    def checkpoint_detector(self) -> tuple[tuple[str | None, int], ddetr.ObjectDetectionPipeline] | None:
+        """The current (or last) run's latest checkpoint as a detector, loaded once per checkpoint, with its
+        (run name, step); None before the first checkpoint."""
         run, name = self._run, self._run_name
-        if run is None or not self._validation_images:
-            return []
+        if run is None:
+            return None
         checkpoint = latest_checkpoint(run.output_dir / CHECKPOINTS)
         if checkpoint is None:
-            return []
+            return None
         key = (name, checkpoint.step)
+        with self._detector_lock:
+            cached_key, detector = self._detector
+            if cached_key != key or detector is None:
+                detector = _checkpoint_detector(run.output_dir, checkpoint.path)
+                self._detector = (key, detector)
+            return key, detector
+
+    def predictions(self) -> list[tuple[PIL.Image.Image, list[dict[str, Any]]]]:
+        """The latest checkpoint's detections on a few validation images (recomputed only for a new checkpoint)."""
+        if not self._validation_images:
+            return []
+        found = self.checkpoint_detector()
+        if found is None:
+            return []
+        key, detector = found
         with self._predict_lock:
             if self._predictions[0] != key:
-                detector = _checkpoint_detector(run.output_dir, checkpoint.path)
                 images = self._validation_images
                 self._predictions = (
                     key,

@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gradio as gr
 import PIL.Image
 import pytest
 
+from app_support.detector_cache import DetectorCache
+from app_support.downloads import DownloadFolder
 from app_support.label_store import LabelStore, dataset_folder
+from app_support.label_tab import CURRENT_RUN, LabelTab
+from app_support.model_choices import ModelRegistry
+from app_support.training import TrainingJobs
 from app_support.visitors import Visitors
 from finetune.data.prepare import DataSettings, prepare
 
@@ -83,3 +89,41 @@ def test_bad_uploads_are_reported_by_name_and_nothing_else_changes(tmp_path: Pat
     assert len(problems) == 2 and problems[0].startswith("notes.png") and problems[1].startswith("cut.png")
     with pytest.raises(ValueError, match="no image 5"):
         store.save_boxes(4, [], background=True)
+
+
+def test_label_assist_from_the_runs_latest_checkpoint(tmp_path: Path, tiny_model_dir: Path):
+    jobs = TrainingJobs(tmp_path / "runs")
+    registry = ModelRegistry(tmp_path / "models", cli_model=str(tiny_model_dir), hub_reachable=lambda: False)
+    visitors = Visitors(tmp_path / "visitors")
+    tab = LabelTab(
+        visitors,
+        registry,
+        DetectorCache(),
+        jobs=jobs,
+        work=tmp_path / "work",
+        downloads=DownloadFolder(tmp_path / "downloads"),
+    )
+    token, folder = visitors.claim(None)
+    store = LabelStore(folder)
+    store.add_images([SHAPES / "shapes_0.jpg"])
+    store.set_classes(["circle", "square", "triangle", "star", "cross", "ring"])
+    with pytest.raises(gr.Error, match="no checkpoint yet"):
+        tab.assist(token, 0, CURRENT_RUN, 0.0)
+
+    settings = {"epochs": 1, "max_steps": 2, "batch_size": 4, "lr": 2e-4, "image_size": None, "eval_every": 1}
+    jobs.start(
+        dataset_source="shapes:train=8,validation=4,test=0,size=128",
+        description="tiny shapes",
+        base_model="tiny",
+        settings={**settings, "save_every": 1},
+    )
+    jobs.wait(300)
+    assert jobs.snapshot().state == "finished"
+    # The untrained run's scores are low: threshold 0 keeps its 100 best boxes, all of shape classes.
+    tab.assist(token, 0, CURRENT_RUN, 0.0)
+    assisted = LabelStore(folder).images[0]
+    assert assisted.status == "labelled" and len(assisted.boxes) == 100
+    assert {box["label"] for box in assisted.boxes} <= set(store.classes)
+    # Someone else's token is not a session here.
+    with pytest.raises(gr.Error, match="not found"):
+        tab.assist("b" * 32, 0, CURRENT_RUN, 0.0)
