@@ -27,6 +27,7 @@ from app_support.model_choices import ModelRegistry
 from app_support.training import TrainingJobs
 from app_support.visitors import BROWSER_SECRET, BROWSER_STORAGE_KEY, Visitors
 from finetune.data.export_coco import export_coco
+from finetune.data.hub_push import push_dataset
 
 ASSIST_THRESHOLD = 0.5
 CURRENT_RUN = "current-run"  # label assist from the fine-tuning run's latest checkpoint
@@ -186,6 +187,15 @@ class LabelTab:
         export_coco(str(store.folder), target, format="coco")
         return str(target)
 
+    @user_errors
+    def push(self, token: str | None, repo_id: str, hub_token: str, private: bool) -> tuple[str, str]:
+        """Push the visitor's labelled images to their Hub namespace; the pasted token is used once and cleared."""
+        store = self.store(token)
+        if not store.labelled_count():
+            raise ValueError("nothing is labelled yet")
+        url = push_dataset(store.folder, (repo_id or "").strip(), token=hub_token, private=bool(private))
+        return f"Pushed to [{repo_id}]({url}) ({'private' if private else 'public'}).", ""
+
     # -- layout ------------------------------------------------------------------------------------------------- #
 
     @staticmethod
@@ -231,6 +241,19 @@ class LabelTab:
             finetune = gr.Button("Fine-tune on this dataset", variant="primary", elem_id="label-finetune")
             download = gr.Button("Download as COCO zip", elem_id="label-download")
         download_file = gr.File(label="COCO zip", interactive=False, elem_id="label-download-file")
+        with gr.Accordion("Push to the Hugging Face Hub", open=False):
+            with gr.Row():
+                push_repo = gr.Textbox(
+                    label="Dataset repo", placeholder="your-name/my-dataset", elem_id="label-push-repo"
+                )
+                push_token = gr.Textbox(
+                    label="Token with write access (used once, never stored)",
+                    type="password",
+                    elem_id="label-push-token",
+                )
+                push_private = gr.Checkbox(True, label="Private")
+            push = gr.Button("Push", elem_id="label-push")
+            push_result = gr.Markdown(elem_id="label-push-result")
 
         private = {"api_visibility": "private"}
         view = [annotator, background, index, status]
@@ -244,6 +267,7 @@ class LabelTab:
         following.click(lambda t, i: self.step(t, i, +1), [token, index], view, **private)
         assist.click(self.assist, [token, index, assist_model, assist_threshold], view, **private)
         download.click(self.download, [token], download_file, **private)
+        push.click(self.push, [token, push_repo, push_token, push_private], [push_result, push_token], **private)
         return {
             "finetune": finetune,
             "load": (self.open_session, [token], [token, classes, *view]),

@@ -1008,3 +1008,88 @@ _DETECTION_WRITERS: dict[str, Callable[[DetectionSpec, Path], None]] = {
     "hf-cppe5": functools.partial(_write_hf, xyxy=False),
     "hf-xyxy": functools.partial(_write_hf, xyxy=True),
 }
+
+
+# -- a local stand-in of the Hub's HTTP API (repo creation, pre-upload, commits), on 127.0.0.1 ------------------ #
+
+
+class HubStandIn:
+    """Answers the calls ``HfApi.create_repo`` / ``create_commit`` make; every file is uploaded inline ("regular")."""
+
+    def __init__(self, token: str) -> None:
+        import http.server
+        import threading
+
+        self.token = token
+        self.repos: dict[str, dict] = {}
+        self.commits: list[tuple[str, list[dict]]] = []
+        self.requests: list[tuple[str, str, str]] = []  # method, path, authorization header
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, payload: object) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                hub.requests.append(("GET", self.path, self.headers.get("authorization", "")))
+                self._send(404, {"error": "not found"})
+
+            def do_POST(self) -> None:
+                data = self.rfile.read(int(self.headers.get("content-length", 0)))
+                hub.requests.append(("POST", self.path, self.headers.get("authorization", "")))
+                if self.headers.get("authorization") != f"Bearer {hub.token}":
+                    return self._send(401, {"error": "Invalid credentials in Authorization header"})
+                if self.path == "/api/repos/create":
+                    body = json.loads(data)
+                    name = f"{body.get('organization') or 'tester'}/{body['name']}"
+                    hub.repos[name] = body
+                    return self._send(200, {"url": f"{hub.url}/datasets/{name}", "name": name})
+                if self.path == "/api/validate-yaml":  # huggingface_hub checks a README's front matter first
+                    return self._send(200, {"errors": [], "warnings": []})
+                if "/preupload/" in self.path:
+                    files = json.loads(data)["files"]
+                    modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                    return self._send(200, {"files": modes})
+                if "/commit/" in self.path:
+                    lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+                    hub.commits.append((self.path, lines))
+                    repo = self.path.split("/api/datasets/")[-1].split("/commit/")[0]
+                    url = f"{hub.url}/datasets/{repo}/commit/{'a' * 40}"
+                    return self._send(200, {"commitUrl": url, "commitOid": "a" * 40, "success": True})
+                return self._send(404, {"error": "unknown endpoint"})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def files(self, commit: int = -1) -> dict[str, bytes]:
+        """Path -> content of a commit's files."""
+        import base64
+
+        _, lines = self.commits[commit]
+        return {
+            line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"
+        }
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub_standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubStandIn]:
+    """A stand-in Hub on 127.0.0.1 accepting the token ``hf_standin_write_token``; HF_ENDPOINT points at it."""
+    hub = HubStandIn("hf_standin_write_token")
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield hub
+    hub.close()

@@ -127,3 +127,28 @@ def test_label_assist_from_the_runs_latest_checkpoint(tmp_path: Path, tiny_model
     # Someone else's token is not a session here.
     with pytest.raises(gr.Error, match="not found"):
         tab.assist("b" * 32, 0, CURRENT_RUN, 0.0)
+
+
+def test_push_sends_only_the_visitors_own_dataset(tmp_path: Path, hub_standin):
+    visitors = Visitors(tmp_path / "visitors")
+    tab = LabelTab(
+        visitors,
+        ModelRegistry(tmp_path / "models", hub_reachable=lambda: False),
+        DetectorCache(),
+        jobs=TrainingJobs(tmp_path / "runs"),
+        work=tmp_path / "work",
+        downloads=DownloadFolder(tmp_path / "downloads"),
+    )
+    token, folder = visitors.claim(None)
+    store = LabelStore(folder)
+    with pytest.raises(gr.Error, match="nothing is labelled"):
+        tab.push(token, "tester/mine", "hf_standin_write_token", True)
+    store.add_images(photos(tmp_path, 2))
+    store.set_classes(["cat"])
+    store.save_boxes(1, [{"label": "cat", "xmin": 2, "ymin": 2, "xmax": 30, "ymax": 20}], background=False)
+    message, cleared = tab.push(token, "tester/mine", "hf_standin_write_token", True)
+    assert "tester/mine" in message and "private" in message and cleared == ""
+    # The labelled image only: the unlabelled upload stays on the server.
+    assert set(hub_standin.files()) == {"annotations.json", "images/000002.png", "README.md"}
+    with pytest.raises(gr.Error, match="refused the token"):
+        tab.push(token, "tester/mine", "hf_not_valid", True)
