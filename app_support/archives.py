@@ -12,100 +12,37 @@ from __future__ import annotations
 
 import json
 import shutil
-import stat
 import uuid
-import zipfile
 from pathlib import Path, PurePosixPath
 
 from app_support.paths import is_inside
+from finetune.data.formats.archive import ArchiveError, ArchiveLimits, extract_members
 
-MAX_MEMBERS = 20_000
-MAX_UNPACKED_BYTES = 1_000_000_000
-MAX_MEMBER_RATIO = 200  # unpacked/packed: images barely compress, so a huge ratio means a bomb
-_CHUNK = 1 << 20
-_IGNORED_PREFIXES = ("__MACOSX/",)
+__all__ = ["UPLOAD_LIMITS", "ArchiveError", "check_dataset_references", "extract_zip"]
 
-
-class ArchiveError(ValueError):
-    """The upload is not a zip we are willing to unpack; the message says why."""
+# An upload to a shared server: tighter than a local user's own zip.
+UPLOAD_LIMITS = ArchiveLimits(max_members=20_000, max_unpacked_bytes=1_000_000_000, max_ratio=200)
 
 
-def _member_target(name: str, destination: Path) -> Path | None:
-    """Where a member goes, None for entries we skip, ArchiveError for names that try to escape."""
-    if name.startswith(_IGNORED_PREFIXES) or name.endswith("/"):
-        return None
-    normalised = name.replace("\\", "/")
-    pure = PurePosixPath(normalised)
-    if normalised.startswith("/") or (pure.parts and ":" in pure.parts[0]) or ".." in pure.parts:
-        raise ArchiveError(f"the zip contains an unsafe file name {name!r} (absolute or with '..')")
-    if any(part.startswith(".") for part in pure.parts):
-        return None  # hidden files (.DS_Store, ._resource forks) carry no data we need
-    target = destination.joinpath(*pure.parts)
-    if not is_inside(target, destination):
-        raise ArchiveError(f"the zip member {name!r} would be written outside the upload folder")
-    return target
-
-
-def _is_regular_file(info: zipfile.ZipInfo) -> bool:
-    # Zips written on Windows or by writestr carry no file type bits at all; those are plain files too.
-    file_type = stat.S_IFMT(info.external_attr >> 16)
-    return file_type in (0, stat.S_IFREG)
-
-
-def extract_zip(
-    archive_path: Path,
-    parent: Path,
-    *,
-    max_members: int = MAX_MEMBERS,
-    max_unpacked_bytes: int = MAX_UNPACKED_BYTES,
-) -> Path:
+def extract_zip(archive_path: Path, parent: Path, *, limits: ArchiveLimits = UPLOAD_LIMITS) -> Path:
     """Unpack into a new folder under ``parent`` and return the dataset root inside it.
 
     A zip holding a single top-level folder (what "compress folder" produces) yields that folder as the root. The
     contents go one level below a private folder, because dataset readers also look for images in the annotation
     file's parent folder: that parent must never be a folder shared with other uploads.
     """
-    if not zipfile.is_zipfile(archive_path):
-        raise ArchiveError("the upload is not a zip file (or it is truncated)")
     private = Path(parent) / f"upload-{uuid.uuid4().hex}"
     destination = private / "content"
     destination.mkdir(parents=True)
     try:
-        _extract(Path(archive_path), destination, max_members, max_unpacked_bytes)
-    except zipfile.BadZipFile as error:
+        extract_members(Path(archive_path), destination, limits)
+    except ArchiveError:
         shutil.rmtree(private, ignore_errors=True)
-        raise ArchiveError(f"the zip file is corrupt: {error}") from None
-    except (ArchiveError, OSError) as error:
+        raise
+    except OSError as error:
         shutil.rmtree(private, ignore_errors=True)
-        if isinstance(error, ArchiveError):
-            raise
         raise ArchiveError(f"could not unpack the zip: {error}") from None
     return _dataset_root(destination)
-
-
-def _extract(archive_path: Path, destination: Path, max_members: int, max_unpacked_bytes: int) -> None:
-    with zipfile.ZipFile(archive_path) as archive:
-        members = archive.infolist()
-        if len(members) > max_members:
-            raise ArchiveError(f"the zip has {len(members)} entries; at most {max_members} are accepted")
-        written = 0
-        for info in members:
-            if info.flag_bits & 0x1:
-                raise ArchiveError("encrypted zips are not supported")
-            target = _member_target(info.filename, destination)
-            if target is None or not _is_regular_file(info):
-                continue
-            if info.compress_size and info.file_size / info.compress_size > MAX_MEMBER_RATIO:
-                raise ArchiveError(f"the zip member {info.filename!r} is suspiciously compressible (a zip bomb?)")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as source, open(target, "wb") as sink:
-                while chunk := source.read(_CHUNK):
-                    written += len(chunk)
-                    if written > max_unpacked_bytes:
-                        raise ArchiveError(f"the zip unpacks to more than {max_unpacked_bytes // 1_000_000} MB")
-                    sink.write(chunk)
-        if written == 0:
-            raise ArchiveError("the zip holds no files")
 
 
 def _dataset_root(destination: Path) -> Path:

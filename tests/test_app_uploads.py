@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from app_support.archives import ArchiveError, check_dataset_references, extract_zip
+from app_support.archives import UPLOAD_LIMITS, ArchiveError, check_dataset_references, extract_zip
 from app_support.downloads import DownloadFolder
 from app_support.paths import PathNotAllowedError, resolve_inside
 
@@ -102,10 +103,10 @@ def test_zip_bombs_and_non_zips_are_refused(tmp_path: Path):
         extract_zip(bomb, tmp_path / "uploads")
     big = make_zip(tmp_path / "big.zip", {"a.png": png_bytes((300, 300)), "b.png": png_bytes((300, 300))})
     with pytest.raises(ArchiveError, match="more than"):
-        extract_zip(big, tmp_path / "uploads", max_unpacked_bytes=1500)
+        extract_zip(big, tmp_path / "uploads", limits=dataclasses.replace(UPLOAD_LIMITS, max_unpacked_bytes=1500))
     many = make_zip(tmp_path / "many.zip", {f"{i}.txt": "x" for i in range(30)})
     with pytest.raises(ArchiveError, match="entries"):
-        extract_zip(many, tmp_path / "uploads", max_members=10)
+        extract_zip(many, tmp_path / "uploads", limits=dataclasses.replace(UPLOAD_LIMITS, max_members=10))
     (tmp_path / "fake.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(ArchiveError, match="not a zip"):
         extract_zip(tmp_path / "fake.zip", tmp_path / "uploads")
