@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import PIL.Image
 
 from finetune.data.categories import CategoryMap
-from finetune.data.records import RecordSource
+from finetune.data.records import ImageRef, RawRecord, RecordSource
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -27,6 +28,24 @@ SPLIT_ALIASES = {
 # Image files that the readers which list folders (YOLO, VOC, Label Studio, CVAT) recognise.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _EXIF_ORIENTATION_TAG = 0x0112
+
+
+class ParsedRecordSource:
+    """One split whose annotation files were parsed when the dataset was opened (VOC, Label Studio, CVAT): its
+    records, and the conversions made on the way (counted by validation); images are read from their paths."""
+
+    def __init__(
+        self, *, name: str, records: list[RawRecord], conversions: list[tuple[str, str]] | None = None
+    ) -> None:
+        self.name = name
+        self._records = records
+        self.conversions = conversions or []
+
+    def records(self) -> Iterator[RawRecord]:
+        yield from self._records
+
+    def image_bytes(self, image: ImageRef) -> bytes | str:
+        return str(image)
 
 
 @dataclass

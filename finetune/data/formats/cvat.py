@@ -12,15 +12,21 @@ ellipses, cuboids and skeletons are left out, and counted. The ``subset`` attrib
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from finetune.data.categories import CategoryMap
-from finetune.data.formats.common import LoadedDataset, absolute, canonical_split, relative_name, rotated_bounds
+from finetune.data.formats.common import (
+    LoadedDataset,
+    ParsedRecordSource,
+    absolute,
+    canonical_split,
+    relative_name,
+    rotated_bounds,
+)
 from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
 from finetune.data.formats.xmlfiles import first_tag, number, parse_xml
-from finetune.data.records import ImageRef, RawObject, RawRecord
+from finetune.data.records import RawObject, RawRecord
 
 CVAT_FILE = "annotations.xml"
 _OTHER_SHAPES = ("polygon", "polyline", "points", "mask", "ellipse", "cuboid", "skeleton")
@@ -33,21 +39,6 @@ def find_cvat_xml(root: Path) -> Path | None:
     preferred = [path for path in matching if path.name == CVAT_FILE]
     chosen = preferred or matching
     return chosen[0] if chosen else None
-
-
-class CvatRecordSource:
-    """One subset of a CVAT task, parsed when the dataset is opened."""
-
-    def __init__(self, *, name: str, records: list[RawRecord], conversions: list[tuple[str, str]]) -> None:
-        self.name = name
-        self._records = records
-        self.conversions = conversions
-
-    def records(self) -> Iterator[RawRecord]:
-        yield from self._records
-
-    def image_bytes(self, image: ImageRef) -> bytes | str:
-        return str(image)
 
 
 def _int_or_raw(value: Any) -> Any:
@@ -146,7 +137,7 @@ def open_cvat(path: Path) -> LoadedDataset:
         except ValueError:
             raise ValueError(f"{shown}: no labels in <meta> and no labelled boxes") from None
     splits = {
-        split: CvatRecordSource(name=split, records=records, conversions=conversions.get(split, []))
+        split: ParsedRecordSource(name=split, records=records, conversions=conversions.get(split, []))
         for split, records in by_split.items()
     }
     return LoadedDataset(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -27,6 +26,7 @@ from finetune.data.categories import CategoryMap
 from finetune.data.formats.common import (
     SPLIT_ALIASES,
     LoadedDataset,
+    ParsedRecordSource,
     absolute,
     image_size,
     read_json,
@@ -35,7 +35,7 @@ from finetune.data.formats.common import (
     split_from_label,
 )
 from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
-from finetune.data.records import ImageRef, RawObject, RawRecord
+from finetune.data.records import RawObject, RawRecord
 
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
 
@@ -54,21 +54,6 @@ def looks_like_label_studio(path: Path) -> bool:
 def find_exports(root: Path) -> list[Path]:
     found = [item for item in files_under(root, root, suffixes=(".json",), max_depth=1) if item.path is not None]
     return [root / item.relative for item in found if looks_like_label_studio(root / item.relative)]
-
-
-class LabelStudioRecordSource:
-    """The tasks of one export file, converted when the dataset is opened."""
-
-    def __init__(self, *, name: str, records: list[RawRecord], conversions: list[tuple[str, str]]) -> None:
-        self.name = name
-        self._records = records
-        self.conversions = conversions
-
-    def records(self) -> Iterator[RawRecord]:
-        yield from self._records
-
-    def image_bytes(self, image: ImageRef) -> bytes | str:
-        return str(image)
 
 
 def _candidates(reference: str) -> tuple[list[str], bool]:
@@ -205,14 +190,14 @@ def open_label_studio(path: Path) -> LoadedDataset:
                 "exports after their splits (train.json, valid.json, test.json)"
             )
         files[split] = export
-    splits: dict[str, LabelStudioRecordSource] = {}
+    splits: dict[str, ParsedRecordSource] = {}
     labels: list[str] = []
     for split, export in files.items():
         shown = relative_name(root, export)
         tasks = read_json(Path(resolve_inside(root, export, where=shown)), shown=shown)
         conversions: list[tuple[str, str]] = []
         records, found = _task_records(root, export, split, tasks, conversions)
-        splits[split] = LabelStudioRecordSource(name=split, records=records, conversions=conversions)
+        splits[split] = ParsedRecordSource(name=split, records=records, conversions=conversions)
         labels += found
     try:
         categories = CategoryMap.from_values(labels)

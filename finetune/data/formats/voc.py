@@ -19,35 +19,21 @@ as ordinary objects. The XML is parsed with defusedxml (DTDs and entities refuse
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from finetune.data.categories import CategoryMap
 from finetune.data.formats.common import (
     IMAGE_SUFFIXES,
     LoadedDataset,
+    ParsedRecordSource,
     absolute,
     split_from_label,
 )
 from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
 from finetune.data.formats.xmlfiles import first_tag, number, parse_xml, text_of
-from finetune.data.records import ImageRef, RawObject, RawRecord
+from finetune.data.records import RawObject, RawRecord
 
 _IMAGE_SETS = {"train": ("train.txt", "trainval.txt"), "validation": ("val.txt",), "test": ("test.txt",)}
-
-
-class VocRecordSource:
-    """One split of a VOC dataset; the XML files are parsed when the dataset is opened (errors name the file)."""
-
-    def __init__(self, *, name: str, records: list[RawRecord]) -> None:
-        self.name = name
-        self._records = records
-
-    def records(self) -> Iterator[RawRecord]:
-        yield from self._records
-
-    def image_bytes(self, image: ImageRef) -> bytes | str:
-        return str(image)
 
 
 def _xml_files(root: Path, folder: str) -> list[str]:
@@ -181,7 +167,7 @@ def open_voc(path: Path) -> LoadedDataset:
         if not entries:
             entries = {"train": [(xml, None) for xml in _xml_files(root, "")]}
         folders = []
-    splits: dict[str, VocRecordSource] = {}
+    splits: dict[str, ParsedRecordSource] = {}
     all_names: list[str] = []
     for split, items in entries.items():
         records = []
@@ -193,7 +179,7 @@ def open_voc(path: Path) -> LoadedDataset:
             record, names = _parse(root, xml_relative, list(dict.fromkeys(image_folders)), split)
             records.append(record)
             all_names += names
-        splits[split] = VocRecordSource(name=split, records=records)
+        splits[split] = ParsedRecordSource(name=split, records=records)
     if not any(split._records for split in splits.values()):
         raise ValueError(f"{root}: no Pascal VOC annotation files (<annotation> XML) found")
     try:
