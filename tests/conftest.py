@@ -9,6 +9,7 @@ transformers model variant, one taking ``corpus_entry`` once per file of the mal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -1093,3 +1094,25 @@ def hub_standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubStandIn]:
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     yield hub
     hub.close()
+
+
+@contextlib.contextmanager
+def _launched_app(config: object) -> Iterator[tuple[object, str]]:
+    from app import launch  # here, not at the top: most test modules never start the app (gradio is slow to load)
+
+    patcher = pytest.MonkeyPatch()
+    patcher.setenv("HF_HUB_OFFLINE", "1")  # hermetic: the model list must not depend on the network
+    try:
+        demo, url = launch(config, host="127.0.0.1", block=False)  # type: ignore[arg-type]
+        try:
+            yield demo, url
+        finally:
+            demo.close()
+    finally:
+        patcher.undo()
+
+
+@pytest.fixture(scope="session")
+def launched_app() -> Callable[[object], contextlib.AbstractContextManager[tuple[object, str]]]:
+    """``with launched_app(AppConfig(...)) as (demo, url):`` the app served on 127.0.0.1, offline, closed after."""
+    return _launched_app

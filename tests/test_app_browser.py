@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app import AppConfig, launch
+from app import AppConfig
 from app_support.paths import REPO_ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*", "ignore:The copy keyword is deprecated.*")
@@ -33,20 +33,13 @@ def screenshots() -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[str]:
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv("HF_HUB_OFFLINE", "1")
+def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, launched_app) -> Iterator[str]:
     root = tmp_path_factory.mktemp("browser-app")
-    demo, url = launch(
-        AppConfig(model=str(tiny_model_dir), models_dir=root / "models", runs_dir=root / "runs"),
-        host="127.0.0.1",
-        block=False,
-    )
-    try:
+    with launched_app(AppConfig(model=str(tiny_model_dir), models_dir=root / "models", runs_dir=root / "runs")) as (
+        _,
+        url,
+    ):
         yield url
-    finally:
-        demo.close()
-        patcher.undo()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app import AppConfig, launch
+from app import AppConfig
 from app_support.paths import REPO_ROOT
 
 pytestmark = [
@@ -32,19 +32,13 @@ def labels_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory, labels_dir: Path) -> Iterator[str]:
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv("HF_HUB_OFFLINE", "1")
+def app_url(tmp_path_factory: pytest.TempPathFactory, labels_dir: Path, launched_app) -> Iterator[str]:
     root = tmp_path_factory.mktemp("label-app")
     config = AppConfig(
         model=str(BUNDLED), models_dir=root / "models", runs_dir=root / "runs", labels_dir=labels_dir, precision="fp32"
     )
-    demo, url = launch(config, host="127.0.0.1", block=False)
-    try:
+    with launched_app(config) as (_, url):
         yield url
-    finally:
-        demo.close()
-        patcher.undo()
 
 
 @pytest.fixture(scope="module")

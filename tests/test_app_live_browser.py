@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from app import AppConfig, launch
+from app import AppConfig
 from app_support.paths import REPO_ROOT
 from ddetr.boxes import box_iou
 from ddetr.video.frames import FrameTracker
@@ -64,17 +64,11 @@ def live_log() -> Iterator[DetectionLog]:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory, live_log: DetectionLog) -> Iterator[str]:
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv("HF_HUB_OFFLINE", "1")
+def app_url(tmp_path_factory: pytest.TempPathFactory, live_log: DetectionLog, launched_app) -> Iterator[str]:
     root = tmp_path_factory.mktemp("live-app")
     config = AppConfig(model=str(BUNDLED), models_dir=root / "models", runs_dir=root / "runs", precision="fp32")
-    demo, url = launch(config, host="127.0.0.1", block=False)
-    try:
+    with launched_app(config) as (_, url):
         yield url
-    finally:
-        demo.close()
-        patcher.undo()
 
 
 @pytest.fixture(scope="module")

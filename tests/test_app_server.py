@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import ddetr
-from app import AppConfig, launch
+from app import AppConfig
 from app_support.hardening import MAX_UPLOAD, QUEUE_MAX_SIZE
 from app_support.paths import REPO_ROOT
 
@@ -21,18 +21,14 @@ EXAMPLE = REPO_ROOT / "examples" / "shapes" / "shapes_0.jpg"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[tuple[object, str]]:
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv("HF_HUB_OFFLINE", "1")  # hermetic: the model list must not depend on the network
+def server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, launched_app
+) -> Iterator[tuple[object, str]]:
     root = tmp_path_factory.mktemp("app")
     # fp32 so that the served detections can be compared exactly with a pipeline run in this thread
     config = AppConfig(model=str(tiny_model_dir), models_dir=root / "models", runs_dir=root / "runs", precision="fp32")
-    demo, url = launch(config, host="127.0.0.1", block=False)
-    try:
-        yield demo, url
-    finally:
-        demo.close()
-        patcher.undo()
+    with launched_app(config) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 
-from app import AppConfig, config_from_args, launch, parse_args
+from app import AppConfig, config_from_args, parse_args
 from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.live_tab import LiveSettings, LiveTab
@@ -38,15 +38,9 @@ def app_config(root: Path, **overrides: Any) -> AppConfig:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv("HF_HUB_OFFLINE", "1")
-    demo, url = launch(app_config(tmp_path_factory.mktemp("video-app")), host="127.0.0.1", block=False)
-    try:
-        yield demo, url
-    finally:
-        demo.close()
-        patcher.undo()
+def server(tmp_path_factory: pytest.TempPathFactory, launched_app) -> Iterator[tuple[Any, str]]:
+    with launched_app(app_config(tmp_path_factory.mktemp("video-app"))) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +122,13 @@ def test_bad_videos_are_refused_and_the_server_keeps_serving(
     assert client.predict(handle_file(str(EXAMPLE)), 0.5, api_name="/detect")
 
 
-def test_a_video_over_the_limits_is_refused_naming_the_limit(tmp_path: Path, moving_shapes_clip: Any):
-    demo, url = launch(app_config(tmp_path, video=VideoSettings(max_frames=10)), host="127.0.0.1", block=False)
-    try:
+def test_a_video_over_the_limits_is_refused_naming_the_limit(tmp_path: Path, moving_shapes_clip: Any, launched_app):
+    with launched_app(app_config(tmp_path, video=VideoSettings(max_frames=10))) as (_, url):
         client = Client(url, verbose=False)
         with pytest.raises(Exception) as caught:
             client.predict(handle_file(str(moving_shapes_clip.path)), 0.5, api_name="/detect_video")
         client.close()
-        assert "at most 10" in str(caught.value) and "--video-max-frames" in str(caught.value)
-    finally:
-        demo.close()
+    assert "at most 10" in str(caught.value) and "--video-max-frames" in str(caught.value)
 
 
 def test_live_frames_follow_the_threshold_and_keep_track_ids(handlers: dict[str, Any], moving_shapes_clip: Any):
