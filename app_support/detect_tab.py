@@ -83,9 +83,6 @@ class DetectTab:
 
     # -- event handlers ----------------------------------------------------------------------------------------- #
 
-    def _choice(self, model_key: str | None) -> ModelChoice:
-        return self.registry.get(model_key) if model_key else self.registry.default()
-
     def default_key(self) -> str | None:
         try:
             return self.registry.default().key
@@ -102,7 +99,7 @@ class DetectTab:
     def select_model(self, model_key: str | None) -> tuple[str, Any]:
         """Load the picked model (once; it stays cached) and show its name and classes."""
         try:
-            choice = self._choice(model_key)
+            choice = self.registry.pick(model_key)
         except NoModelAvailableError as error:
             return f"**No model loaded.** {error}", gr.update(choices=[], value=[])
         detector = self.detectors.get(choice)
@@ -124,7 +121,7 @@ class DetectTab:
                 *DetectOutputs(None, [], None, "Upload an image, take a webcam photo or paste one.").as_tuple(),
                 None,
             )
-        choice = self._choice(model_key)
+        choice = self.registry.pick(model_key)
         detector = self.detectors.get(choice)
         picture = detector.processor.load_image(image_path)
         with self.detectors.inference_lock:
@@ -171,7 +168,7 @@ class DetectTab:
         """The ``/detect`` endpoint: detections in the hub's object-detection schema."""
         if not image_path:
             raise ValueError("no image was given")
-        choice = self._choice(model or None)
+        choice = self.registry.pick(model)
         detector = self.detectors.get(choice)
         with self.detectors.inference_lock:
             (candidates,) = detector.candidates([image_path])

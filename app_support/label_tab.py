@@ -162,7 +162,7 @@ class LabelTab:
             (run_name, step), detector = found
             source = f"run {run_name} at step {step}"
         else:
-            choice = self.registry.get(model_key) if model_key else self.registry.default()
+            choice = self.registry.pick(model_key)
             detector, source = self.detectors.get(choice), choice.label
         with self.detectors.inference_lock:
             (candidates,) = detector.candidates([store.image_path(index)])

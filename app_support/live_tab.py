@@ -25,7 +25,7 @@ from app_support.detect_controls import DetectControls
 from app_support.detector_cache import DetectorCache
 from app_support.errors import user_errors
 from app_support.model_choices import ModelRegistry
-from ddetr.drawing import draw_detections
+from ddetr.drawing import display_copy, draw_detections
 from ddetr.video import DetectionSettings, FrameTracker, describe_counts
 
 FPS_WINDOW = 12  # frames the fps figure averages over
@@ -65,16 +65,6 @@ class LiveSession:
         return (len(self.answered) - 1) / span if span > 0 else 0.0
 
 
-def fit_frame(frame: np.ndarray, max_side: int) -> PIL.Image.Image:
-    """The frame as an RGB image no larger than ``max_side`` (camera frames can be full HD or more)."""
-    image = PIL.Image.fromarray(np.ascontiguousarray(frame[..., :3]).astype(np.uint8, copy=False))
-    scale = max_side / max(image.size)
-    if scale < 1.0:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, PIL.Image.Resampling.BILINEAR)
-    return image
-
-
 class LiveTab:
     def __init__(self, registry: ModelRegistry, detectors: DetectorCache, settings: LiveSettings) -> None:
         self.registry = registry
@@ -97,9 +87,11 @@ class LiveTab:
             return None, "Waiting for the camera…", session
         if session is None or session.model_key != model_key:
             session = LiveSession(model_key=model_key)  # a new model means new classes: tracks start over
-        choice = self.registry.get(model_key) if model_key else self.registry.default()
+        choice = self.registry.pick(model_key)
         detector = self.detectors.get(choice)
-        picture = fit_frame(frame, self.settings.max_side)
+        # Camera frames can be full HD or more: scaled to max_side (display_copy) before anything else.
+        camera = PIL.Image.fromarray(np.ascontiguousarray(frame[..., :3]).astype(np.uint8, copy=False))
+        picture, _ = display_copy(camera, self.settings.max_side)
         settings = DetectionSettings(
             threshold=threshold,
             max_detections=int(max_detections),

@@ -169,6 +169,10 @@ class ModelRegistry:
         """The model the Detect tab starts with; see :func:`resolve_default_model`."""
         return resolve_default_model(self.choices())
 
+    def pick(self, key: str | None) -> ModelChoice:
+        """The picker's model: the listed one with ``key``, the default when none is chosen."""
+        return self.get(key) if key else self.default()
+
 
 def _unique(choices: list[ModelChoice]) -> list[ModelChoice]:
     unique: dict[str, ModelChoice] = {}

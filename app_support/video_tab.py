@@ -87,7 +87,7 @@ class VideoTab:
         stride: int,
         cancel: threading.Event | None,
     ) -> Iterator[VideoProgress]:
-        choice = self.registry.get(model_key) if model_key else self.registry.default()
+        choice = self.registry.pick(model_key)
         detector = self.detectors.get(choice)
         return annotate_video(
             detector,
