@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,20 @@ class LabelTab:
         self.detectors = detectors
         self.work = Path(work)
         self.downloads = downloads
+        self._stores: dict[Path, LabelStore] = {}
+        self._stores_lock = threading.Lock()
 
     def store(self, token: str | None) -> LabelStore:
-        """The visitor's dataset; refuses a token this server did not issue."""
+        """The visitor's dataset; refuses a token this server did not issue. One store per visitor, read from disk
+        once: its lock is what keeps two events of one page (a box drawn, a background mark) from racing."""
         folder = self.visitors.folder(token)
         if folder is None:
             raise ValueError("your labelling session was not found: reload the page")
-        return LabelStore(folder)
+        with self._stores_lock:
+            store = self._stores.get(folder)
+            if store is None:
+                store = self._stores[folder] = LabelStore(folder)
+            return store
 
     def _view(self, store: LabelStore, index: int, boxes: list[dict[str, Any]] | None = None) -> tuple[Any, ...]:
         """(annotator value, background flag, index, summary) for image ``index``."""

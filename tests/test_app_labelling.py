@@ -104,7 +104,7 @@ def test_label_assist_from_the_runs_latest_checkpoint(tmp_path: Path, tiny_model
         downloads=DownloadFolder(tmp_path / "downloads"),
     )
     token, folder = visitors.claim(None)
-    store = LabelStore(folder)
+    store = tab.store(token)
     store.add_images([SHAPES / "shapes_0.jpg"])
     store.set_classes(["circle", "square", "triangle", "star", "cross", "ring"])
     with pytest.raises(gr.Error, match="no checkpoint yet"):
@@ -139,8 +139,8 @@ def test_push_sends_only_the_visitors_own_dataset(tmp_path: Path, hub_standin):
         work=tmp_path / "work",
         downloads=DownloadFolder(tmp_path / "downloads"),
     )
-    token, folder = visitors.claim(None)
-    store = LabelStore(folder)
+    token, _ = visitors.claim(None)
+    store = tab.store(token)  # the tab's own store: it holds the visitor's lock
     with pytest.raises(gr.Error, match="nothing is labelled"):
         tab.push(token, "tester/mine", "hf_standin_write_token", True)
     store.add_images(photos(tmp_path, 2))
