@@ -155,7 +155,13 @@ def prepare_dataset(config: TrainConfig) -> PreparedData:
 def export_dataset(config: TrainConfig, output_zip: str | Path) -> CocoExport:
     """Write ``config.dataset`` (read in ``config.dataset_format``, validated with ``config.strict``) as a COCO zip;
     see ``finetune.data.export_coco``."""
-    return export_coco(config.dataset, output_zip, format=config.dataset_format, strict=config.strict)
+    return export_coco(
+        config.dataset,
+        output_zip,
+        format=config.dataset_format,
+        strict=config.strict,
+        allow_outside_files=config.allow_outside_files,
+    )
 
 
 def start_run(config: TrainConfig, data: PreparedData | None = None) -> TrainingRun:

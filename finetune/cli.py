@@ -26,7 +26,8 @@ dataset SRC: shapes[:train=N,validation=N,test=N,size=PX] (synthetic); a dataset
   and COCO 2017's layouts), YOLO (data.yaml; Ultralytics or Roboflow layout), Pascal VOC, Label Studio JSON or CVAT
   for images 1.1 format, detected from its layout (--dataset-format names it instead); a COCO or Label Studio JSON
   file, a YOLO data.yaml or a CVAT annotations.xml; a folder written by save_to_disk; an image folder with
-  metadata.jsonl; or a Hugging Face hub id.
+  metadata.jsonl; or a Hugging Face hub id. Files the dataset names must lie inside its folder (a hub dataset's: the
+  datasets cache); --allow-outside-files lifts this for your own dataset that points at your own files elsewhere.
 model SRC: a preset ({presets}) trained from scratch, or a checkpoint folder / hub id to fine-tune (class heads are
   re-initialised when the dataset's classes differ).
 
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
     )
     add(group, "--strict", "strict", "treat any dataset problem as an error naming the record", action="store_true")
+    add(
+        group,
+        "--allow-outside-files",
+        "allow_outside_files",
+        "read files the dataset names outside its own folder (absolute or ../ image paths, symlinks leading out, "
+        "save_to_disk files); refused by default. Only for your own dataset pointing at your own files",
+        action="store_true",
+    )
     add(
         group,
         "--validation-fraction",

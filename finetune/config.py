@@ -35,6 +35,9 @@ class TrainConfig:
     CPU shared with other jobs one thread per process is often much faster than several that wait on each other.
     Bit-exact resume on CPU needs the same thread count as the interrupted run. ``dataset_format`` is the format
     of ``dataset`` (``auto``: detected from its layout; or coco, yolo, voc, label-studio, cvat, hf).
+    ``allow_outside_files`` lets the dataset name files outside its own folder (a hub dataset's: the datasets
+    cache); off, such a dataset is refused before any of those files is read. Turn it on only for your own dataset
+    that points at your own files: a dataset from elsewhere could otherwise make the server read any file.
     """
 
     dataset: str
@@ -74,6 +77,7 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     dataset_format: str = "auto"
+    allow_outside_files: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset_format, str):
@@ -94,6 +98,9 @@ class TrainConfig:
             )
         if not isinstance(self.dataset_format, str) or self.dataset_format not in DATASET_FORMATS:
             raise ValueError(f"dataset_format must be one of {DATASET_FORMATS}, got {self.dataset_format!r}")
+        # A security switch: a value such as the string "false" must not turn it on.
+        if not isinstance(self.allow_outside_files, bool):
+            raise ValueError(f"allow_outside_files must be True or False, got {self.allow_outside_files!r}")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a preset name, a checkpoint folder or a hub id")
         positive_ints = (

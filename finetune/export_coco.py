@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="ZIP", help="the COCO zip to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--strict", action="store_true", help="treat any dataset problem as an error")
+    parser.add_argument(
+        "--allow-outside-files",
+        action="store_true",
+        help="read files the dataset names outside its own folder (absolute or ../ image paths, symlinks leading "
+        "out); refused by default. Only for your own dataset pointing at your own files",
+    )
     return parser
 
 
@@ -40,7 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     try:
-        result = export_coco(arguments.dataset, output, format=arguments.dataset_format, strict=arguments.strict)
+        result = export_coco(
+            arguments.dataset,
+            output,
+            format=arguments.dataset_format,
+            strict=arguments.strict,
+            allow_outside_files=arguments.allow_outside_files,
+        )
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

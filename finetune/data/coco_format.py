@@ -111,9 +111,17 @@ class CocoRecordSource:
     """One COCO annotation file as raw records; ``image_bytes`` returns the image path."""
 
     def __init__(
-        self, *, name: str, annotation_file: Path, image_root: Path | None = None, dataset_root: Path | None = None
+        self,
+        *,
+        name: str,
+        annotation_file: Path,
+        image_root: Path | None = None,
+        dataset_root: Path | None = None,
+        allow_outside_files: bool = False,
     ) -> None:
         self.name = name
+        # The user's opt-out for their own dataset: file names may then lead anywhere.
+        self.allow_outside_files = allow_outside_files
         self.annotation_file = Path(os.path.abspath(annotation_file))
         # Images must lie inside the dataset folder: the folder that was opened, else the annotation file's folder
         # (its parent for a file inside ``annotations/``, the COCO 2017 layout).
@@ -146,7 +154,13 @@ class CocoRecordSource:
         refusal: str | None = None
         for root in list(self._roots):
             try:
-                candidate = resolve_inside(self.dataset_root, file_name, base=root, where=self.annotation_file.name)
+                candidate = resolve_inside(
+                    self.dataset_root,
+                    file_name,
+                    base=root,
+                    where=self.annotation_file.name,
+                    allow_outside_files=self.allow_outside_files,
+                )
             except UnsafePathError as error:
                 refusal = str(error)
                 continue

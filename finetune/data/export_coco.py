@@ -53,10 +53,16 @@ class CocoExport:
         return f"wrote {self.path}: {parts}"
 
 
-def _splits(dataset: Any, format: str, strict: bool) -> tuple[dict[str, DetectionSplit], list[str], list]:
+def _splits(
+    dataset: Any, format: str, strict: bool, allow_outside_files: bool
+) -> tuple[dict[str, DetectionSplit], list[str], list]:
     if isinstance(dataset, PreparedData):
         return dict(dataset.splits), list(dataset.class_names), list(dataset.reports)
-    loaded = dataset if isinstance(dataset, LoadedDataset) else open_dataset(dataset, format=format)
+    loaded = (
+        dataset
+        if isinstance(dataset, LoadedDataset)
+        else open_dataset(dataset, format=format, allow_outside_files=allow_outside_files)
+    )
     samples, reports = validate_dataset(loaded, strict=strict)
     splits = {
         name: DetectionSplit(name=name, samples=items, source=loaded.splits[name]) for name, items in samples.items()
@@ -126,12 +132,18 @@ def _coco_json(split: DetectionSplit, class_names: list[str], file_names: list[s
 
 
 def export_coco(
-    dataset: Any, output_zip: str | os.PathLike, *, format: str = "auto", strict: bool = False
+    dataset: Any,
+    output_zip: str | os.PathLike,
+    *,
+    format: str = "auto",
+    strict: bool = False,
+    allow_outside_files: bool = False,
 ) -> CocoExport:
-    """Write ``dataset`` -- a source ``open_dataset`` takes (opened in ``format``), a ``LoadedDataset``, or a
-    ``PreparedData`` (written as prepared, held-out validation split included) -- to ``output_zip`` as COCO."""
+    """Write ``dataset`` -- a source ``open_dataset`` takes (opened in ``format``; files it names outside its folder
+    are refused unless ``allow_outside_files``), a ``LoadedDataset``, or a ``PreparedData`` (written as prepared,
+    held-out validation split included) -- to ``output_zip`` as COCO."""
     output = Path(output_zip)
-    splits, class_names, reports = _splits(dataset, format, strict)
+    splits, class_names, reports = _splits(dataset, format, strict, allow_outside_files)
     if not splits:
         raise ValueError("the dataset has no splits to export")
     output.parent.mkdir(parents=True, exist_ok=True)

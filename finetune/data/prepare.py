@@ -17,13 +17,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DataSettings:
-    """What prepared data was made from: the same source and settings always give the same splits."""
+    """What prepared data was made from: the same source and settings always give the same splits.
+    ``allow_outside_files``: the dataset may name files outside its folder (kept, as it decides what is read)."""
 
     source: str
     strict: bool = False
     seed: int = 0
     validation_fraction: float = 0.15
     format: str = "auto"
+    allow_outside_files: bool = False
 
     def differences(self, other: DataSettings) -> list[str]:
         """``name: ours -> theirs`` for every setting that differs from ``other``."""
@@ -112,15 +114,18 @@ def prepare_data(
     seed: int = 0,
     validation_fraction: float = 0.15,
     format: str = "auto",
+    allow_outside_files: bool = False,
 ) -> PreparedData:
     """Open ``source`` in ``format`` (see ``finetune.data.sources``; ``auto``: detected from the layout), validate
-    every split and assemble the splits."""
+    every split and assemble the splits. ``allow_outside_files``: read files the dataset names outside its folder
+    (refused otherwise)."""
     settings = DataSettings(
         source=str(source),
         strict=strict,
         seed=seed,
         validation_fraction=validation_fraction,
         format=normalise_format(format),
+        allow_outside_files=allow_outside_files,
     )
     return prepare(settings)
 
@@ -129,6 +134,6 @@ def prepare(settings: DataSettings) -> PreparedData:
     """``prepare_data`` for the source and settings in ``settings``."""
     if not 0 <= settings.validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {settings.validation_fraction}")
-    loaded = open_dataset(settings.source, format=settings.format)
+    loaded = open_dataset(settings.source, format=settings.format, allow_outside_files=settings.allow_outside_files)
     samples, reports = validate_dataset(loaded, strict=settings.strict)
     return assemble(loaded, samples, settings=settings, reports=reports)

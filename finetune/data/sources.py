@@ -22,6 +22,11 @@ of these schemas, chosen from the features:
 
 each with a category field (``category``, ``categories``, ``category_id``, ``label`` or ``labels``: a
 ``ClassLabel``, names, or integers) and optional ``image_id``, ``width``, ``height`` and ``objects.id``.
+
+No file a dataset names is read unless it lies inside the dataset's folder (a hub dataset's: the datasets cache):
+the image paths of every format, the files of a ``save_to_disk`` folder, symlinks among data files (see
+``finetune.data.formats.paths`` and ``finetune.data.formats.hf_files``). ``allow_outside_files=True`` lifts this
+for a user's own dataset that names their own files elsewhere.
 """
 
 from __future__ import annotations
@@ -41,9 +46,16 @@ from finetune.data.categories import CategoryMap
 from finetune.data.formats import normalise_format
 from finetune.data.formats.archive import unpack_zip
 from finetune.data.formats.coco import open_coco
-from finetune.data.formats.common import SPLIT_ALIASES, LoadedDataset, canonical_split
+from finetune.data.formats.common import SPLIT_ALIASES, LoadedDataset, absolute, canonical_split
 from finetune.data.formats.cvat import open_cvat
 from finetune.data.formats.detect import detect, unwrap
+from finetune.data.formats.hf_files import (
+    FileScope,
+    check_image_cells,
+    check_links,
+    check_saved_dataset,
+    hub_scope,
+)
 from finetune.data.formats.label_studio import open_label_studio
 from finetune.data.formats.voc import open_voc
 from finetune.data.formats.yolo import open_yolo
@@ -56,7 +68,7 @@ SHAPES_DEFAULTS = {"train": 2000, "validation": 200, "test": 200, "size": 256}
 # Fixed seeds so that every ``--dataset shapes`` run sees the same images, and the splits never overlap.
 SHAPES_SEEDS = {"train": 1, "validation": 2, "test": 3}
 _CATEGORY_KEYS = ("category", "categories", "category_id", "label", "labels")
-_OPENERS: dict[str, Callable[[Path], LoadedDataset]] = {
+_OPENERS: dict[str, Callable[..., LoadedDataset]] = {
     "coco": open_coco,
     "yolo": open_yolo,
     "voc": open_voc,
@@ -65,9 +77,12 @@ _OPENERS: dict[str, Callable[[Path], LoadedDataset]] = {
 }
 
 
-def open_dataset(source: str | os.PathLike, *, format: str = "auto") -> LoadedDataset:
+def open_dataset(
+    source: str | os.PathLike, *, format: str = "auto", allow_outside_files: bool = False
+) -> LoadedDataset:
     """Open ``source`` (see the module doc) in ``format`` (one of ``finetune.data.formats.DATASET_FORMATS``;
-    ``auto``: detected from the layout); ValueError with a readable reason when it cannot be used."""
+    ``auto``: detected from the layout); ValueError with a readable reason when it cannot be used, also when the
+    dataset names a file outside its folder, unless ``allow_outside_files``."""
     chosen = normalise_format(format)
     text = str(source)
     if text == "shapes" or text.startswith("shapes:"):
@@ -83,7 +98,7 @@ def open_dataset(source: str | os.PathLike, *, format: str = "auto") -> LoadedDa
                 path = unwrap(path)
         if chosen == "auto":
             chosen, path = detect(path)
-        loaded = _open_local(path, chosen)
+        loaded = _open_local(path, chosen, allow_outside_files)
         order = {name: rank for rank, name in enumerate(("train", "validation", "test"))}
         loaded.splits = dict(sorted(loaded.splits.items(), key=lambda item: order.get(item[0], len(order))))
         if described.suffix.lower() == ".zip" and described.is_file():
@@ -101,16 +116,24 @@ def open_dataset(source: str | os.PathLike, *, format: str = "auto") -> LoadedDa
             f"({type(error).__name__}: {error}). Without network access, pass a local folder (save_to_disk output, "
             "COCO, YOLO, VOC, Label Studio or CVAT export, or an image folder) instead"
         ) from None
-    return _from_hf(loaded, description=f"hub dataset {text}")
+    return _from_hf(
+        loaded, description=f"hub dataset {text}", scope=hub_scope(text, allow_outside_files=allow_outside_files)
+    )
 
 
-def _open_local(path: Path, chosen: str) -> LoadedDataset:
+def _open_local(path: Path, chosen: str, allow_outside_files: bool) -> LoadedDataset:
     if chosen in _OPENERS:
-        return _OPENERS[chosen](path)
+        return _OPENERS[chosen](path, allow_outside_files=allow_outside_files)
     if path.is_file():
         raise ValueError(f"{path} is a file; a Hugging Face dataset is a folder (save_to_disk output or data files)")
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        return _from_hf(datasets.load_from_disk(str(path)), description=f"saved dataset {path}")
+    # Absolute, so that the paths datasets stores (image folders) and the checks below agree on the folder.
+    path = absolute(path)
+    scope = FileScope((path,), allow_outside_files)
+    # lexists: the markers are looked at without following a symlink out (check_saved_dataset refuses those).
+    if any(os.path.lexists(path / name) for name in ("dataset_dict.json", "state.json")):
+        check_saved_dataset(path, allow_outside_files=allow_outside_files)
+        return _from_hf(datasets.load_from_disk(str(path)), description=f"saved dataset {path}", scope=scope)
+    check_links(path, allow_outside_files=allow_outside_files)
     if _has_metadata(path):
         try:
             loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
@@ -120,7 +143,7 @@ def _open_local(path: Path, chosen: str) -> LoadedDataset:
                 f"cannot read the image folder {path} ({type(cause).__name__}: {cause}); its metadata.jsonl must name "
                 "image files inside the folder"
             ) from None
-        return _from_hf(loaded, description=f"image folder {path}")
+        return _from_hf(loaded, description=f"image folder {path}", scope=scope)
     try:
         loaded = datasets.load_dataset(str(path))
     except Exception as error:
@@ -129,13 +152,16 @@ def _open_local(path: Path, chosen: str) -> LoadedDataset:
             "Pascal VOC (Annotations/), Label Studio (JSON task list) or CVAT (annotations.xml) export, a "
             "save_to_disk folder, or an image folder with metadata.jsonl"
         ) from None
-    return _from_hf(loaded, description=f"dataset folder {path}")
+    return _from_hf(loaded, description=f"dataset folder {path}", scope=scope)
 
 
 def _has_metadata(path: Path) -> bool:
     names = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
     return any((path / name).is_file() for name in names) or any(
-        (child / name).is_file() for child in path.iterdir() if child.is_dir() for name in names
+        (child / name).is_file()
+        for child in path.iterdir()
+        if not child.is_symlink() and child.is_dir()  # a linked folder is not looked into (check_links)
+        for name in names
     )
 
 
@@ -211,14 +237,16 @@ def shapes_dataset_dict(spec: str) -> datasets.DatasetDict:
 
 
 def _open_shapes(spec: str) -> LoadedDataset:
-    return _from_hf(shapes_dataset_dict(spec), description=f"synthetic {spec}")
+    # Our own cache, written above with the images' bytes inline: nothing in it names another file.
+    scope = FileScope((shapes_cache_dir().absolute(),))
+    return _from_hf(shapes_dataset_dict(spec), description=f"synthetic {spec}", scope=scope)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face datasets
 
 
-def _from_hf(loaded: Any, *, description: str) -> LoadedDataset:
+def _from_hf(loaded: Any, *, description: str, scope: FileScope) -> LoadedDataset:
     if isinstance(loaded, datasets.Dataset):
         raw = {"train": loaded}
     elif isinstance(loaded, datasets.DatasetDict):
@@ -227,7 +255,10 @@ def _from_hf(loaded: Any, *, description: str) -> LoadedDataset:
         raise ValueError(f"{description}: expected a Dataset or DatasetDict, got {type(loaded).__name__}")
     if not raw:
         raise ValueError(f"{description} has no splits")
-    splits = {name: HFRecordSource(name=name, dataset=dataset) for name, dataset in raw.items()}
+    splits = {
+        name: HFRecordSource(name=name, dataset=dataset, scope=scope, description=description)
+        for name, dataset in raw.items()
+    }
     first = next(iter(splits.values()))
     names = first.class_names()
     if names is not None:
@@ -275,10 +306,16 @@ def _objects_feature(features: datasets.Features) -> dict[str, Any]:
 
 
 class HFRecordSource:
-    """A split of a Hugging Face dataset in the object-detection schema; images stay encoded until used."""
+    """A split of a Hugging Face dataset in the object-detection schema; images stay encoded until used. Images
+    stored as paths must lie in ``scope`` (checked here, before any is opened, and again when each is used: the
+    path opened is the one the check resolved)."""
 
-    def __init__(self, *, name: str, dataset: datasets.Dataset) -> None:
+    def __init__(
+        self, *, name: str, dataset: datasets.Dataset, scope: FileScope, description: str = "the dataset"
+    ) -> None:
         self.name = name
+        self.scope = scope
+        self.description = description
         features = dataset.features
         image_columns = [key for key, value in features.items() if isinstance(value, datasets.Image)]
         if not image_columns:
@@ -302,6 +339,10 @@ class HFRecordSource:
         self.category_key: str = category_key
         self._category_feature = object_fields[category_key]
         self.dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
+        check_image_cells(self.dataset, self.image_column, scope, where=self._where)
+
+    def _where(self, row: int) -> str:
+        return f"{self.description}: split {self.name!r} row {row} (column {self.image_column!r})"
 
     def class_names(self) -> list[str] | None:
         feature = self._category_feature
@@ -358,7 +399,7 @@ class HFRecordSource:
         if stored.get("bytes"):
             return stored["bytes"]
         if stored.get("path"):
-            return stored["path"]
+            return self.scope.resolve(stored["path"], where=self._where(int(image)))
         raise FileNotFoundError(f"{self.name}[{image}] has neither image bytes nor a path")
 
 

@@ -88,18 +88,25 @@ def evaluate(
     seed: int = 42,
     context: DistributedContext | None = None,
     dataset_format: str = "auto",
+    allow_outside_files: bool = False,
 ) -> CocoMetrics:
     """COCO metrics of the model at ``model_source`` on a split of ``dataset_source``.
 
     ``validation_fraction`` and ``seed`` re-create the validation split a training run held out of a dataset that
     has none (use the run's values, e.g. from its train_config.json). ``dataset_format``: the dataset's format
-    (``auto``: detected from its layout).
+    (``auto``: detected from its layout). ``allow_outside_files``: read files the dataset names outside its folder
+    (refused otherwise).
     """
     own_context = context is None
     context = context or setup_distributed(device)
     try:
         data = prepare_data(
-            dataset_source, strict=strict, validation_fraction=validation_fraction, seed=seed, format=dataset_format
+            dataset_source,
+            strict=strict,
+            validation_fraction=validation_fraction,
+            seed=seed,
+            format=dataset_format,
+            allow_outside_files=allow_outside_files,
         )
         chosen = choose_split(data, split)
         model = DeformableDetrForObjectDetection.from_pretrained(model_source).to(context.device).eval()
@@ -140,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=DATASET_FORMATS,
         help="format of --dataset (default: auto, detected from the folder's layout)",
+    )
+    parser.add_argument(
+        "--allow-outside-files",
+        action="store_true",
+        help="read files the dataset names outside its own folder (absolute or ../ image paths, symlinks leading "
+        "out); refused by default. Only for your own dataset pointing at your own files",
     )
     parser.add_argument("--split", default=None, help="split to evaluate (default: test, else validation, else train)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch (default: 2)")
@@ -183,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=arguments.seed,
             context=context,
             dataset_format=arguments.dataset_format,
+            allow_outside_files=arguments.allow_outside_files,
         )
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

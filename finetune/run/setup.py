@@ -12,7 +12,7 @@ import torch
 from ddetr import DeformableDetrConfig, DeformableDetrForObjectDetection
 from finetune.config import RESUMABLE_OVERRIDES, TrainConfig
 from finetune.data.prepare import DataSettings, PreparedData, assemble, validate_dataset
-from finetune.data.sources import open_dataset
+from finetune.data.sources import LoadedDataset, open_dataset
 from finetune.data.validation import DatasetValidationError
 from finetune.presets import build_model, is_preset
 from finetune.run.checkpoints import CheckpointInfo, latest_checkpoint
@@ -61,6 +61,7 @@ def data_settings(config: TrainConfig) -> DataSettings:
         strict=config.strict,
         seed=config.seed,
         validation_fraction=config.validation_fraction,
+        allow_outside_files=config.allow_outside_files,
     )
 
 
@@ -69,13 +70,17 @@ def check_prepared_data(data: PreparedData, config: TrainConfig) -> None:
     data.check_settings(data_settings(config))
 
 
+def _open(config: TrainConfig) -> LoadedDataset:
+    return open_dataset(config.dataset, format=config.dataset_format, allow_outside_files=config.allow_outside_files)
+
+
 def prepare_run_data(config: TrainConfig, context: DistributedContext) -> PreparedData:
     """Open and validate the dataset. Under torchrun rank 0 validates (and builds any cache) first; the others
     receive its verdict, so every process trains on exactly the same samples."""
     payload: tuple | None = None
     if context.is_main:
         try:
-            loaded = open_dataset(config.dataset, format=config.dataset_format)
+            loaded = _open(config)
             samples, reports = validate_dataset(loaded, strict=config.strict)
             payload = ("ok", samples, reports)
         except (ValueError, DatasetValidationError) as error:
@@ -87,7 +92,7 @@ def prepare_run_data(config: TrainConfig, context: DistributedContext) -> Prepar
         raise (DatasetValidationError if payload[1] == "DatasetValidationError" else ValueError)(payload[2])
     _, samples, reports = payload
     if not context.is_main:
-        loaded = open_dataset(config.dataset, format=config.dataset_format)
+        loaded = _open(config)
     return assemble(loaded, samples, settings=data_settings(config), reports=reports)
 
 

@@ -43,8 +43,9 @@ def _without_placeholders(raw: list[Any], used: set[Any]) -> list[Any]:
     return kept if kept else raw
 
 
-def open_coco(source: Path, *, dataset_root: Path | None = None) -> LoadedDataset:
-    """A COCO JSON file, or a folder in one of the COCO layouts."""
+def open_coco(source: Path, *, dataset_root: Path | None = None, allow_outside_files: bool = False) -> LoadedDataset:
+    """A COCO JSON file, or a folder in one of the COCO layouts. ``allow_outside_files``: image file names may lead
+    outside the dataset folder (the user's own dataset)."""
     source = absolute(source)
     if source.is_file():
         files, description = {"train": source}, f"COCO file {source}"
@@ -55,7 +56,10 @@ def open_coco(source: Path, *, dataset_root: Path | None = None) -> LoadedDatase
         dataset_root = dataset_root or source
     splits = {
         canonical_split(name): CocoRecordSource(
-            name=canonical_split(name), annotation_file=path, dataset_root=dataset_root
+            name=canonical_split(name),
+            annotation_file=path,
+            dataset_root=dataset_root,
+            allow_outside_files=allow_outside_files,
         )
         for name, path in files.items()
     }

@@ -50,12 +50,16 @@ def _int_or_raw(value: Any) -> Any:
     return value
 
 
-def _image_path(root: Path, name: str, subset: str | None, where: str) -> tuple[str | None, str]:
+def _image_path(
+    root: Path, name: str, subset: str | None, where: str, allow_outside_files: bool
+) -> tuple[str | None, str]:
     folders = [f"images/{subset}", "images", ""] if subset else ["images", ""]
     first = None
     for folder in folders:
         try:
-            candidate = resolve_inside(root, name, base=root / folder if folder else root, where=where)
+            candidate = resolve_inside(
+                root, name, base=root / folder if folder else root, where=where, allow_outside_files=allow_outside_files
+            )
         except UnsafePathError as error:
             return None, str(error)
         first = first or candidate
@@ -64,8 +68,9 @@ def _image_path(root: Path, name: str, subset: str | None, where: str) -> tuple[
     return first, ""
 
 
-def open_cvat(path: Path) -> LoadedDataset:
-    """Open a CVAT for images 1.1 export: a folder with annotations.xml, or the XML file itself."""
+def open_cvat(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset:
+    """Open a CVAT for images 1.1 export: a folder with annotations.xml, or the XML file itself.
+    ``allow_outside_files``: the images' names may lead outside the dataset folder (the user's own dataset)."""
     path = absolute(path)
     if path.is_file():
         xml_path, root = path, path.parent
@@ -76,7 +81,9 @@ def open_cvat(path: Path) -> LoadedDataset:
             raise ValueError(f"{root}: a CVAT for images export needs {CVAT_FILE} (<annotations> XML)")
         xml_path = found
     shown = relative_name(root, xml_path)
-    element = parse_xml(Path(resolve_inside(root, xml_path, where=shown)), shown=shown)
+    element = parse_xml(
+        Path(resolve_inside(root, xml_path, where=shown, allow_outside_files=allow_outside_files)), shown=shown
+    )
     if element.tag != "annotations":
         raise ValueError(f"{shown}: expected CVAT <annotations>, found <{element.tag}>")
     if element.find("track") is not None:
@@ -96,7 +103,9 @@ def open_cvat(path: Path) -> LoadedDataset:
         subset = attributes.get("subset") or None
         split = "train" if subset is None or subset.lower() == "default" else canonical_split(subset)
         where = f"{split}: {shown} <image> {position} (name {name!r})"
-        file_path, refusal = _image_path(root, name, subset, shown) if name else (None, f"{where} has no name")
+        file_path, refusal = (
+            _image_path(root, name, subset, shown, allow_outside_files) if name else (None, f"{where} has no name")
+        )
         objects, notes = [], conversions.setdefault(split, [])
         for box in image.iter("box"):
             label = box.get("label")

@@ -54,6 +54,12 @@ def _visible_children(folder: Path) -> list[os.DirEntry]:
         return []
 
 
+def _present(path: Path) -> bool:
+    """A file, or a symlink (not followed: one leading outside is refused when the dataset is opened, and the
+    layout must not depend on what lies outside)."""
+    return os.path.islink(path) or path.is_file()
+
+
 def signals(root: Path) -> list[tuple[str, str]]:
     """``(format, evidence)`` for every format whose files are in ``root`` (evidence: a relative path)."""
     found: list[tuple[str, str]] = []
@@ -70,7 +76,7 @@ def signals(root: Path) -> list[tuple[str, str]]:
             for entry in children
             if entry.is_dir(follow_symlinks=False)
             for name in _METADATA
-            if (root / entry.name / name).is_file()
+            if _present(root / entry.name / name)
         ]
         if metadata:
             found.append(("hf", f"{metadata[0]} (image folder)"))

@@ -72,7 +72,9 @@ def _candidates(reference: str) -> tuple[list[str], bool]:
     return [reference], False
 
 
-def _image_path(root: Path, folder: Path, reference: Any, where: str) -> tuple[str | None, str]:
+def _image_path(
+    root: Path, folder: Path, reference: Any, where: str, allow_outside_files: bool
+) -> tuple[str | None, str]:
     if not isinstance(reference, str) or not reference:
         return None, f"{where} has no data.image"
     names, bare = _candidates(reference)
@@ -81,7 +83,7 @@ def _image_path(root: Path, folder: Path, reference: Any, where: str) -> tuple[s
     for name in names:
         for base in bases:
             try:
-                candidate = resolve_inside(root, name, base=base, where=where)
+                candidate = resolve_inside(root, name, base=base, where=where, allow_outside_files=allow_outside_files)
             except UnsafePathError as error:
                 if bare:
                     continue
@@ -95,7 +97,7 @@ def _image_path(root: Path, folder: Path, reference: Any, where: str) -> tuple[s
 
 
 def _task_records(
-    root: Path, export: Path, split: str, tasks: Any, conversions: list[tuple[str, str]]
+    root: Path, export: Path, split: str, tasks: Any, conversions: list[tuple[str, str]], allow_outside_files: bool
 ) -> tuple[list[RawRecord], list[str]]:
     shown = relative_name(root, export)
     if not isinstance(tasks, list):
@@ -109,7 +111,7 @@ def _task_records(
             data.get("image") if "image" in data else next((v for v in data.values() if isinstance(v, str)), None)
         )
         where = f"{split}: {shown} task {position} (id {task.get('id')!r})"
-        image, why = _image_path(root, export.parent, reference, where)
+        image, why = _image_path(root, export.parent, reference, where, allow_outside_files)
         annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
         results = annotations[0].get("result") or [] if annotations else []
         objects: list[RawObject] = []
@@ -171,8 +173,9 @@ def _rectangle(
     return RawObject(bbox=[x0, y0, x1 - x0, y1 - y0], category=category)
 
 
-def open_label_studio(path: Path) -> LoadedDataset:
-    """Open a Label Studio JSON export (the file, or the folder holding it and the images)."""
+def open_label_studio(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset:
+    """Open a Label Studio JSON export (the file, or the folder holding it and the images).
+    ``allow_outside_files``: the tasks' image paths may lead outside the dataset folder (the user's own dataset)."""
     path = absolute(path)
     if path.is_file():
         root, exports = path.parent, [path]
@@ -194,9 +197,11 @@ def open_label_studio(path: Path) -> LoadedDataset:
     labels: list[str] = []
     for split, export in files.items():
         shown = relative_name(root, export)
-        tasks = read_json(Path(resolve_inside(root, export, where=shown)), shown=shown)
+        tasks = read_json(
+            Path(resolve_inside(root, export, where=shown, allow_outside_files=allow_outside_files)), shown=shown
+        )
         conversions: list[tuple[str, str]] = []
-        records, found = _task_records(root, export, split, tasks, conversions)
+        records, found = _task_records(root, export, split, tasks, conversions, allow_outside_files)
         splits[split] = ParsedRecordSource(name=split, records=records, conversions=conversions)
         labels += found
     try:

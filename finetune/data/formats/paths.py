@@ -5,7 +5,9 @@ dataset that points elsewhere must not make us read (or even stat) anything outs
 :func:`resolve_inside` walks the name one component at a time from the dataset folder: ``..`` is applied to the
 real path reached so far, each component is ``lstat``-ed only once the path up to it is known to be inside, and a
 symlink's target is checked as text before anything beneath it is looked at. A name that would leave is refused
-with the same message whether or not its target exists.
+with the same message whether or not its target exists, and the message names the opt-out: a local user whose own
+dataset names their own files elsewhere passes ``allow_outside_files=True`` (``--allow-outside-files``), and the
+name is then resolved as the operating system would resolve it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _MAX_SYMLINKS = 40
+# Appended to every refusal, so that whoever meets it learns how to read their own files anyway.
+OUTSIDE_HINT = "pass --allow-outside-files / allow_outside_files=True if this is your own dataset"
 
 
 class UnsafePathError(ValueError):
@@ -42,17 +46,31 @@ def _relative_to_root(path: Path | str, root: Path, root_real: str) -> list[str]
     return None
 
 
-def resolve_inside(root: Path | str, name: str | os.PathLike, *, base: Path | str | None = None, where: str) -> str:
+def outside_refusal(where: str, text: str, root: Path | str) -> UnsafePathError:
+    """The refusal of ``text`` (named by ``where``) for leading outside ``root``; it never depends on the target."""
+    return UnsafePathError(f"{where}: the path {text!r} leads outside the dataset folder {root} ({OUTSIDE_HINT})")
+
+
+def resolve_inside(
+    root: Path | str,
+    name: str | os.PathLike,
+    *,
+    base: Path | str | None = None,
+    where: str,
+    allow_outside_files: bool = False,
+) -> str:
     """The real path of ``name`` (relative to ``base``, a folder inside ``root``; default ``root``) when it lies
     inside the dataset folder ``root`` after resolving ``..`` and symlinks; UnsafePathError naming ``where`` (the
     file that names the path) otherwise. Missing files resolve too (validation reports them missing); nothing
-    outside ``root`` is opened or stat-ed."""
+    outside ``root`` is opened or stat-ed. ``allow_outside_files``: no check, the real path wherever it leads."""
     root = Path(root)
-    root_real = os.path.realpath(root)
     text = os.fspath(name)
-    refusal = UnsafePathError(f"{where}: the path {text!r} leads outside the dataset folder {root}")
     if "\x00" in text:
-        raise refusal
+        raise UnsafePathError(f"{where}: the path {text!r} holds a NUL character")
+    if allow_outside_files:
+        return os.path.realpath(os.path.join(os.path.abspath(root if base is None else base), text))
+    root_real = os.path.realpath(root)
+    refusal = outside_refusal(where, text, root)
     if os.path.isabs(text):
         components = _relative_to_root(text, root, root_real)
     else:
@@ -115,14 +133,15 @@ def files_under(
     *,
     suffixes: tuple[str, ...] | None = None,
     max_depth: int | None = None,
+    allow_outside_files: bool = False,
 ) -> list[FoundFile]:
     """The files below ``directory`` (a folder inside ``root``), sorted by relative path, without following
-    symlinked folders; symlinked files are resolved with :func:`resolve_inside` (never followed outside).
-    ``suffixes``: lower-case extensions to keep (``(".jpg", ".png")``); None keeps every file. ``max_depth``: how
-    many folder levels to list (1: ``directory``'s own files)."""
+    symlinked folders; symlinked files are resolved with :func:`resolve_inside` (never followed outside unless
+    ``allow_outside_files``). ``suffixes``: lower-case extensions to keep (``(".jpg", ".png")``); None keeps every
+    file. ``max_depth``: how many folder levels to list (1: ``directory``'s own files)."""
     root = Path(root)
     try:
-        start = resolve_inside(root, directory, where=str(root))
+        start = resolve_inside(root, directory, where=str(root), allow_outside_files=allow_outside_files)
     except UnsafePathError:
         return []
     root_real = os.path.realpath(root)
@@ -146,7 +165,7 @@ def files_under(
                 continue
             elif entry.is_symlink():
                 try:
-                    real = resolve_inside(root, relative, where=relative)
+                    real = resolve_inside(root, relative, where=relative, allow_outside_files=allow_outside_files)
                 except UnsafePathError as error:
                     found.append(FoundFile(relative, None, str(error)))
                     continue
@@ -158,7 +177,14 @@ def files_under(
     return found
 
 
-def safe_file(root: Path | str, name: str | os.PathLike, *, base: Path | str | None = None, where: str) -> Path | None:
+def safe_file(
+    root: Path | str,
+    name: str | os.PathLike,
+    *,
+    base: Path | str | None = None,
+    where: str,
+    allow_outside_files: bool = False,
+) -> Path | None:
     """``resolve_inside`` for a file that should exist: its path, or None when it is missing or not a file."""
-    path = resolve_inside(root, name, base=base, where=where)
+    path = resolve_inside(root, name, base=base, where=where, allow_outside_files=allow_outside_files)
     return Path(path) if os.path.isfile(path) else None

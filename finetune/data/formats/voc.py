@@ -52,7 +52,9 @@ def has_voc_files(root: Path, folder: str = "") -> bool:
     return False
 
 
-def _find_image(root: Path, folders: list[str], file_name: str | None, stem: str, where: str) -> tuple[str | None, str]:
+def _find_image(
+    root: Path, folders: list[str], file_name: str | None, stem: str, where: str, allow_outside_files: bool
+) -> tuple[str | None, str]:
     """The image of an annotation: ``file_name`` in one of ``folders``, else a file named after the XML's stem.
     Returns (path, "") -- a missing file's path when none exists -- or (None, why)."""
     names = [file_name] if file_name else []
@@ -62,7 +64,13 @@ def _find_image(root: Path, folders: list[str], file_name: str | None, stem: str
     for name in names:
         for folder in folders:
             try:
-                candidate = resolve_inside(root, name, base=root / folder if folder else root, where=where)
+                candidate = resolve_inside(
+                    root,
+                    name,
+                    base=root / folder if folder else root,
+                    where=where,
+                    allow_outside_files=allow_outside_files,
+                )
             except UnsafePathError as error:
                 if name == file_name:
                     return None, str(error)
@@ -76,14 +84,16 @@ def _find_image(root: Path, folders: list[str], file_name: str | None, stem: str
     return None, refusal or f"{where} names no image"
 
 
-def _parse(root: Path, xml_relative: str, folders: list[str], split: str) -> tuple[RawRecord, list[str]]:
-    path = Path(resolve_inside(root, xml_relative, where=xml_relative))
+def _parse(
+    root: Path, xml_relative: str, folders: list[str], split: str, allow_outside_files: bool
+) -> tuple[RawRecord, list[str]]:
+    path = Path(resolve_inside(root, xml_relative, where=xml_relative, allow_outside_files=allow_outside_files))
     element = parse_xml(path, shown=xml_relative)
     if element.tag != "annotation":
         raise ValueError(f"{xml_relative}: expected a Pascal VOC <annotation>, found <{element.tag}>")
     file_name = text_of(element, "filename")
     stem = Path(xml_relative).stem
-    image, why = _find_image(root, folders, file_name, stem, xml_relative)
+    image, why = _find_image(root, folders, file_name, stem, xml_relative, allow_outside_files)
     size = element.find("size")
     width, height = number(text_of(size, "width")), number(text_of(size, "height"))
     objects, names = [], []
@@ -147,8 +157,10 @@ def _classic(root: Path) -> dict[str, list[tuple[str, str | None]]]:
     return splits
 
 
-def open_voc(path: Path) -> LoadedDataset:
-    """Open a Pascal VOC dataset folder (see the module doc for the layouts)."""
+def open_voc(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset:
+    """Open a Pascal VOC dataset folder (see the module doc for the layouts). ``allow_outside_files``: the image
+    file names of the XML files (and the ids of ImageSets) may lead outside the dataset folder (the user's own
+    dataset)."""
     root = absolute(path)
     if not root.is_dir():
         raise ValueError(f"{root}: a Pascal VOC dataset is a folder (Annotations/ and JPEGImages/, or XML files)")
@@ -173,10 +185,10 @@ def open_voc(path: Path) -> LoadedDataset:
         records = []
         for xml_relative, listed in items:
             image_folders = folders or [os.path.dirname(xml_relative), "images", ""]
-            if listed is not None and not _exists(root, xml_relative):
-                records.append(_without_xml(root, xml_relative, listed, image_folders, split))
+            if listed is not None and not _exists(root, xml_relative, allow_outside_files):
+                records.append(_without_xml(root, xml_relative, listed, image_folders, split, allow_outside_files))
                 continue
-            record, names = _parse(root, xml_relative, list(dict.fromkeys(image_folders)), split)
+            record, names = _parse(root, xml_relative, list(dict.fromkeys(image_folders)), split, allow_outside_files)
             records.append(record)
             all_names += names
         splits[split] = ParsedRecordSource(name=split, records=records)
@@ -191,17 +203,19 @@ def open_voc(path: Path) -> LoadedDataset:
     )
 
 
-def _exists(root: Path, relative: str) -> bool:
+def _exists(root: Path, relative: str, allow_outside_files: bool) -> bool:
     try:
-        return os.path.isfile(resolve_inside(root, relative, where=relative))
+        return os.path.isfile(resolve_inside(root, relative, where=relative, allow_outside_files=allow_outside_files))
     except UnsafePathError:
         return False
 
 
-def _without_xml(root: Path, xml_relative: str, listed: str, folders: list[str], split: str) -> RawRecord:
+def _without_xml(
+    root: Path, xml_relative: str, listed: str, folders: list[str], split: str, allow_outside_files: bool
+) -> RawRecord:
     """An id listed in ImageSets without an XML file: its image is a background image if it exists."""
     where, _, image_id = listed.rpartition(":")
-    image, why = _find_image(root, folders, None, image_id, where)
+    image, why = _find_image(root, folders, None, image_id, where, allow_outside_files)
     problem = None if image is not None else ("missing_image", why)
     if image is not None and not os.path.isfile(image):
         image, problem = None, ("missing_image", f"{where}: no {xml_relative} and no image named {image_id!r}")

@@ -141,9 +141,19 @@ def _label_name(listed: str) -> str:
 class YoloRecordSource:
     """One split of a YOLO dataset; label files are read (and boxes scaled by the image size) in ``records()``."""
 
-    def __init__(self, *, name: str, root: Path, entries: list[_Entry], orphan_labels: list[str], lookup: dict) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        root: Path,
+        entries: list[_Entry],
+        orphan_labels: list[str],
+        lookup: dict,
+        allow_outside_files: bool = False,
+    ) -> None:
         self.name = name
         self.root = root
+        self.allow_outside_files = allow_outside_files
         self.entries = entries
         self.orphan_labels = orphan_labels
         self.lookup = lookup
@@ -181,7 +191,7 @@ class YoloRecordSource:
             yield RawRecord(where, None, len(self.entries) + offset, None, None, objects, ("missing_image", detail))
 
     def _objects(self, label: str, size: tuple[int, int] | None) -> list[RawObject]:
-        path = resolve_inside(self.root, label, where=label)
+        path = resolve_inside(self.root, label, where=label, allow_outside_files=self.allow_outside_files)
         try:
             if os.path.getsize(path) > _MAX_LABEL_BYTES:
                 raise ValueError(f"{label} is larger than {_MAX_LABEL_BYTES} bytes")
@@ -252,7 +262,9 @@ def _tails(text: str) -> list[str]:
     return ["/".join(parts)] + ["/".join(parts[start:]) for start in range(1, len(parts) - 1)]
 
 
-def _split_images(root: Path, base: Path, key: str, value: Any, shown: str) -> tuple[list[_Entry], list[str]]:
+def _split_images(
+    root: Path, base: Path, key: str, value: Any, shown: str, allow_outside_files: bool
+) -> tuple[list[_Entry], list[str]]:
     """The images of one split and the label files that have no image."""
     items = value if isinstance(value, list) else [value]
     entries: list[_Entry] = []
@@ -267,7 +279,9 @@ def _split_images(root: Path, base: Path, key: str, value: Any, shown: str) -> t
             if not candidate:
                 continue
             try:
-                resolved = resolve_inside(root, candidate, base=base, where=f"{shown} ({key})")
+                resolved = resolve_inside(
+                    root, candidate, base=base, where=f"{shown} ({key})", allow_outside_files=allow_outside_files
+                )
             except UnsafePathError as error:
                 refusal = refusal or str(error)
                 continue
@@ -278,30 +292,34 @@ def _split_images(root: Path, base: Path, key: str, value: Any, shown: str) -> t
             raise _SplitMissing(refusal or f"{shown}: {key} path {text!r} does not exist in the dataset folder {root}")
         listed = relative_name(root, target)
         if os.path.isdir(target):
-            images = files_under(root, target, suffixes=IMAGE_SUFFIXES)
+            images = files_under(root, target, suffixes=IMAGE_SUFFIXES, allow_outside_files=allow_outside_files)
             entries += [_Entry(item.relative, item.path, item.refusal) for item in images]
-            orphans += _orphan_labels(root, listed, {item.relative for item in images})
+            orphans += _orphan_labels(root, listed, {item.relative for item in images}, allow_outside_files)
         elif target.lower().endswith(".txt"):
-            entries += _list_file(root, Path(target), listed)
+            entries += _list_file(root, Path(target), listed, allow_outside_files)
         else:
             entries.append(_Entry(listed, target))
     return entries, orphans
 
 
-def _orphan_labels(root: Path, folder: str, images: set[str]) -> list[str]:
+def _orphan_labels(root: Path, folder: str, images: set[str], allow_outside_files: bool) -> list[str]:
     """Label files of the folder mirroring ``folder`` whose image is not among ``images``."""
     label_folder = _label_name(folder + "/x")
     label_folder = label_folder.rsplit("/", 1)[0] if "/" in label_folder else ""
     if label_folder == folder:
         return []
     expected = {_label_name(image) for image in images}
-    found = files_under(root, root / label_folder, suffixes=(".txt",)) if label_folder else []
+    found = (
+        files_under(root, root / label_folder, suffixes=(".txt",), allow_outside_files=allow_outside_files)
+        if label_folder
+        else []
+    )
     return [
         item.relative for item in found if item.relative not in expected and Path(item.relative).name != "classes.txt"
     ]
 
 
-def _list_file(root: Path, path: Path, listed: str) -> list[_Entry]:
+def _list_file(root: Path, path: Path, listed: str, allow_outside_files: bool) -> list[_Entry]:
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -314,7 +332,7 @@ def _list_file(root: Path, path: Path, listed: str) -> list[_Entry]:
         where = f"{listed} line {number}"
         base = path.parent
         try:
-            resolved = resolve_inside(root, name, base=base, where=where)
+            resolved = resolve_inside(root, name, base=base, where=where, allow_outside_files=allow_outside_files)
         except UnsafePathError as error:
             entries.append(_Entry(name, None, str(error)))
             continue
@@ -322,8 +340,9 @@ def _list_file(root: Path, path: Path, listed: str) -> list[_Entry]:
     return entries
 
 
-def open_yolo(path: Path) -> LoadedDataset:
-    """Open a YOLO dataset folder (or its data.yaml)."""
+def open_yolo(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset:
+    """Open a YOLO dataset folder (or its data.yaml). ``allow_outside_files``: the paths data.yaml and the image
+    lists name, and symlinked images and labels, may lead outside the dataset folder (the user's own dataset)."""
     path = absolute(path)
     if path.is_file():
         yaml_path, root = path, path.parent
@@ -334,14 +353,16 @@ def open_yolo(path: Path) -> LoadedDataset:
             raise ValueError(f"{root}: a YOLO dataset needs a data.yaml naming its classes ('names') and splits")
         yaml_path = found
     shown = relative_name(root, yaml_path)
-    resolve_inside(root, yaml_path, where=shown)
+    resolve_inside(root, yaml_path, where=shown, allow_outside_files=allow_outside_files)
     data = _load_yaml(yaml_path, shown)
     categories = _categories(data, shown)
     base = root
     declared_root = data.get("path")
     if isinstance(declared_root, str) and declared_root.strip():
         try:
-            candidate = resolve_inside(root, declared_root.strip(), base=yaml_path.parent, where=shown)
+            candidate = resolve_inside(
+                root, declared_root.strip(), base=yaml_path.parent, where=shown, allow_outside_files=allow_outside_files
+            )
             if os.path.isdir(candidate):
                 base = Path(candidate)
         except UnsafePathError:
@@ -357,14 +378,19 @@ def open_yolo(path: Path) -> LoadedDataset:
         if name in splits:
             raise ValueError(f"{shown}: both {key!r} and another key name the {name!r} split")
         try:
-            entries, orphans = _split_images(root, base, key, value, shown)
+            entries, orphans = _split_images(root, base, key, value, shown, allow_outside_files)
         except _SplitMissing as missing:
             if name == "train":
                 raise ValueError(str(missing)) from None
             logger.warning("%s; the %s split is left out", missing, name)
             continue
         splits[name] = YoloRecordSource(
-            name=name, root=root, entries=entries, orphan_labels=orphans, lookup=dict(categories.lookup)
+            name=name,
+            root=root,
+            entries=entries,
+            orphan_labels=orphans,
+            lookup=dict(categories.lookup),
+            allow_outside_files=allow_outside_files,
         )
     if not splits:
         raise ValueError(f"{shown}: none of the split paths exists")
