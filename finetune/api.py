@@ -16,7 +16,9 @@ Datasets in any supported format (COCO, Roboflow, YOLO, Pascal VOC, Label Studio
 ``export_dataset(config, "out.zip")`` writes the dataset as a COCO zip.
 
 The run executes in a thread of this process (torch releases the interpreter lock in its kernels, so a web UI
-stays responsive). Nothing here imports a UI library.
+stays responsive). ``start_process_run(config)`` runs it in a child process instead (``ProcessRun``, the same
+interface): a crash or an out-of-memory kill there leaves this process running; see ``finetune.run.process``.
+Nothing here imports a UI library.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ from finetune.data.prepare import PreparedData, prepare
 from finetune.run.files import METRICS, TRAIN_CONFIG, read_status
 from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
+from finetune.run.process import ProcessRun, start_process_run
 from finetune.run.setup import data_settings
 from finetune.run.trainer import RunResult
 
 __all__ = [
     "DATASET_FORMATS",
     "CocoExport",
+    "ProcessRun",
     "TrainingRun",
     "detect_format",
     "export_dataset",
@@ -49,6 +53,7 @@ __all__ = [
     "read_run",
     "resume_config",
     "resume_run",
+    "start_process_run",
     "start_run",
 ]
 
