@@ -7,25 +7,33 @@ Run ``python app.py`` and open http://127.0.0.1:7860 (GRADIO_SERVER_NAME and GRA
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import logging
+import shutil
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from app_support.detect_tab import DetectTab
 from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
-from app_support.finetune_tab import FinetuneTab
+from app_support.finetune_tab import FinetuneServices, FinetuneTab
 from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, queue_options
+from app_support.jobs import TrainingJobs
 from app_support.label_store import dataset_folder
 from app_support.label_tab import KEYBOARD_JS, LabelTab
 from app_support.live_tab import LiveSettings, LiveTab
 from app_support.model_choices import ModelRegistry
+from app_support.owners import ADMIN_TOKEN_ENV, Identities
 from app_support.paths import REPO_ROOT, AppPaths
-from app_support.training import TrainingJobs
+from app_support.training import CheckpointPreviews
+from app_support.uploads import UploadStore
 from app_support.video_tab import VideoSettings, VideoTab
 from app_support.visitors import Visitors
 from ddetr.runtime.allocator import keep_freed_memory
@@ -34,6 +42,7 @@ from ddetr.runtime.threads import configure_threads
 
 TITLE = "Deformable DETR: detect and fine-tune"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+SHUTDOWN_GRACE_S = 60.0  # how long a training job may take to save its checkpoint when the server stops
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class AppConfig:
     max_loaded_models: int = 2
     # "auto": bf16 where native (>= 95% of fp32's top-100 detections kept), else fp32
     precision: str = "auto"
+    admin_token: str | None = None  # stops any visitor's job (else DDETR_ADMIN_TOKEN, or the Space's author)
     live: LiveSettings = field(default_factory=LiveSettings)
     video: VideoSettings = field(default_factory=VideoSettings)
 
@@ -60,26 +70,53 @@ def example_images(paths: AppPaths) -> dict[str, list[Path]]:
     }
 
 
-def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
-    """Build the Blocks app (not launched) and the folders it uses."""
+@dataclass
+class AppServer:
+    """What the page runs on: its folders, the training jobs and the uploads; ``shutdown`` for exit."""
+
+    paths: AppPaths
+    jobs: TrainingJobs
+    uploads: UploadStore
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Checkpoint and stop the training job (killed after ``grace`` s), then delete the work folders."""
+        if self._done.is_set():
+            return
+        self._done.set()
+        self.jobs.shutdown(grace)
+        self.jobs.wait(grace + 10)
+        self.uploads.clear()
+        shutil.rmtree(self.paths.work, ignore_errors=True)
+
+
+def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppServer]:
+    """Build the Blocks app (not launched) and what it runs on."""
     limit_pillow()
     paths = AppPaths.from_root(
         REPO_ROOT, models=config.models_dir, data=config.data_dir, runs=config.runs_dir, labels=config.labels_dir
     )
+    visitors = Visitors(paths.labels)
+    identities = Identities.from_environment(visitors, admin_token=config.admin_token)
     jobs = TrainingJobs(paths.runs)
+    uploads = UploadStore(paths.scratch("uploads"))
+    previews = CheckpointPreviews()
     registry = ModelRegistry(paths.models, cli_model=config.model, finetuned=jobs.finished_models)
     detections = DownloadFolder(paths.scratch("detections"))
     loader = functools.partial(load_detector, precision=config.precision)
     detectors = DetectorCache(max_loaded=config.max_loaded_models, loader=loader)
-    detect_tab = DetectTab(registry, detectors, detections)
-    live_tab = LiveTab(registry, detectors, config.live)
-    video_tab = VideoTab(registry, detectors, DownloadFolder(paths.scratch("videos"), keep=20), config.video)
-    visitors = Visitors(paths.labels)
+    detect_tab = DetectTab(registry, detectors, detections, identities)
+    live_tab = LiveTab(registry, detectors, config.live, identities)
+    video_tab = VideoTab(
+        registry, detectors, DownloadFolder(paths.scratch("videos"), keep=20), config.video, identities
+    )
     label_tab = LabelTab(
         visitors,
         registry,
         detectors,
         jobs=jobs,
+        previews=previews,
+        identities=identities,
         work=paths.scratch("label-uploads"),
         downloads=DownloadFolder(paths.scratch("label-exports"), keep=20),
     )
@@ -88,9 +125,18 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
         folder = visitors.folder(token)
         return dataset_folder(folder) if folder is not None else None
 
-    # A folder of its own: the many small detection files must never prune away a trained model's zip.
     finetune_tab = FinetuneTab(
-        paths, jobs, registry, DownloadFolder(paths.scratch("models"), keep=10), labelled_folder=labelled_folder
+        FinetuneServices(
+            paths=paths,
+            jobs=jobs,
+            registry=registry,
+            # A folder of its own: the many small detection files must never prune away a trained model's zip.
+            downloads=DownloadFolder(paths.scratch("models"), keep=10),
+            identities=identities,
+            uploads=uploads,
+            previews=previews,
+            labelled_folder=labelled_folder,
+        )
     )
 
     with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
@@ -98,7 +144,7 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
         visitor = label_tab.visitor_state()
         with gr.Tabs(selected="detect") as tabs:
             with gr.Tab("Detect", id="detect"):
-                detect = detect_tab.build(example_images(paths), live=live_tab, video=video_tab)
+                detect = detect_tab.build(example_images(paths), live=live_tab, video=video_tab, visitor=visitor)
             with gr.Tab("Label", id="label"):
                 label = label_tab.build(visitor)
             with gr.Tab("Fine-tune", id="finetune"):
@@ -111,7 +157,15 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
             api_visibility="private",
         )
         load_fn, load_inputs, load_outputs = label["load"]
-        demo.load(load_fn, load_inputs, load_outputs, api_name="ui_label_session", api_visibility="private")
+        # The visitor's token first (issued if new), then what depends on who they are: their own models.
+        demo.load(load_fn, load_inputs, load_outputs, api_name="ui_label_session", api_visibility="private").then(
+            detect_tab.refresh_models,
+            [detect["model"], visitor],
+            [detect["model"]],
+            api_name="ui_visitor_models",
+            api_visibility="private",
+        )
+        demo.unload(finetune_tab.release_session)
         demo.load(None, js=KEYBOARD_JS)
         demo.load(
             detect_tab.select_model,
@@ -120,7 +174,7 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppPaths]:
             api_name="ui_initial_model",
             api_visibility="private",
         )
-    return demo, paths
+    return demo, AppServer(paths=paths, jobs=jobs, uploads=uploads)
 
 
 # (settings field, its help): each becomes --live-<field> / --video-<field>, defaulting to the settings' value.
@@ -176,10 +230,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     video = parser.add_argument_group("video files (Detect tab, Video mode, and /detect_video)")
     _settings_flags(video, "--video-", VideoSettings(), VIDEO_FLAGS)
+    parser.add_argument(
+        "--admin-token",
+        help=f"a secret that stops any visitor's job when given as the token (default: ${ADMIN_TOKEN_ENV})",
+    )
     parser.add_argument("--share", action="store_true", help="create a temporary public gradio.live link")
     parser.add_argument("--host", help="address to bind (default: GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: GRADIO_SERVER_PORT or the first free from 7860)")
     return parser.parse_args(argv)
+
+
+@dataclass
+class LaunchedApp:
+    demo: gr.Blocks
+    url: str
+    server: AppServer
+
+    def close(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop serving, checkpoint the training job, delete the work folders."""
+        self.demo.close()
+        self.server.shutdown(grace)
 
 
 def launch(
@@ -189,16 +259,33 @@ def launch(
     port: int | None = None,
     share: bool = False,
     block: bool = True,
-) -> tuple[gr.Blocks, str]:
-    """Build, queue and launch the app with the hardened settings; returns the app and its local URL.
+) -> LaunchedApp:
+    """Build, queue and launch the app with the hardened settings.
 
-    ``block=False`` returns once the server is up (tests, notebooks); close it with ``demo.close()``.
+    ``block=False`` returns once the server is up (tests, notebooks); close it with ``.close()``. With
+    ``block=True`` it returns when the server stops (Ctrl-C or SIGTERM), after the training job was checkpointed.
     """
-    demo, paths = create_app(config)
+    demo, server = create_app(config)
+    atexit.register(server.shutdown)
+    if block:
+        _stop_on_sigterm()
     _, url, _ = demo.queue(**queue_options()).launch(
-        prevent_thread_lock=not block, **launch_options(paths, server_name=host, server_port=port, share=share)
+        prevent_thread_lock=not block, **launch_options(server.paths, server_name=host, server_port=port, share=share)
     )
-    return demo, url
+    launched = LaunchedApp(demo=demo, url=url, server=server)
+    if block:  # Gradio's blocking loop has ended: the server was asked to stop
+        launched.close()
+    return launched
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (what Spaces, Docker and systemd send) ends the server like Ctrl-C does, so that the training job is
+    checkpointed before the process exits instead of losing every step since its last periodic checkpoint."""
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
@@ -212,6 +299,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         runs_dir=args.runs_dir,
         labels_dir=args.labels_dir,
         precision=args.precision,
+        admin_token=args.admin_token,
         live=LiveSettings(**live, mirror=not args.no_mirror_webcam),
         video=VideoSettings(**video),
     )

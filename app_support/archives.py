@@ -24,14 +24,17 @@ __all__ = ["UPLOAD_LIMITS", "ArchiveError", "check_dataset_references", "extract
 UPLOAD_LIMITS = ArchiveLimits(max_members=20_000, max_unpacked_bytes=1_000_000_000, max_ratio=200)
 
 
-def extract_zip(archive_path: Path, parent: Path, *, limits: ArchiveLimits = UPLOAD_LIMITS) -> Path:
-    """Unpack into a new folder under ``parent`` and return the dataset root inside it.
+def extract_zip(
+    archive_path: Path, parent: Path, *, limits: ArchiveLimits = UPLOAD_LIMITS, name: str | None = None
+) -> Path:
+    """Unpack into a new folder under ``parent`` (``name``, default a fresh one) and return the dataset root
+    inside it; nothing is left behind when the zip is refused.
 
     A zip holding a single top-level folder (what "compress folder" produces) yields that folder as the root. The
     contents go one level below a private folder, because dataset readers also look for images in the annotation
     file's parent folder: that parent must never be a folder shared with other uploads.
     """
-    private = Path(parent) / f"upload-{uuid.uuid4().hex}"
+    private = Path(parent) / (name or f"upload-{uuid.uuid4().hex}")
     destination = private / "content"
     destination.mkdir(parents=True)
     try:
@@ -42,10 +45,11 @@ def extract_zip(archive_path: Path, parent: Path, *, limits: ArchiveLimits = UPL
     except OSError as error:
         shutil.rmtree(private, ignore_errors=True)
         raise ArchiveError(f"could not unpack the zip: {error}") from None
-    return _dataset_root(destination)
+    return dataset_root(destination)
 
 
-def _dataset_root(destination: Path) -> Path:
+def dataset_root(destination: Path) -> Path:
+    """The dataset inside an unpacked zip's content folder (its single top-level folder, if that is all it holds)."""
     entries = [p for p in destination.iterdir() if not p.name.startswith(".")]
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]

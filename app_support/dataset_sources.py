@@ -5,7 +5,7 @@
 - a Hugging Face Hub dataset id: checked to look like one, and refused when it also names a local path (the
   dataset reader tries local paths first, so ``data`` or ``.git`` must not slip through as "hub ids");
 - a path under the allow-listed data folder (see ``paths.resolve_inside``);
-- an uploaded zip, unpacked safely into the app's private work area (see ``archives``);
+- an uploaded zip, unpacked safely and once into its owner's part of the private work area (see ``uploads``);
 - the visitor's own dataset from the Label tab (found through their browser token, never through a typed path).
 
 Local datasets are also checked for annotation files naming images outside their folder.
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from app_support.archives import check_dataset_references, extract_zip
+from app_support.archives import check_dataset_references
 from app_support.paths import AppPaths, resolve_inside
+from app_support.uploads import UploadStore
 
 DatasetKind = Literal["shapes", "hub", "folder", "upload", "labelled"]
 DATASET_KINDS: tuple[tuple[str, DatasetKind], ...] = (
@@ -77,11 +78,17 @@ def folder_choice(paths: AppPaths, relative_path: str) -> DatasetChoice:
     return DatasetChoice(str(resolved), f"data/{resolved.relative_to(paths.data).as_posix()}")
 
 
-def upload_choice(paths: AppPaths, uploaded_file: str | None) -> DatasetChoice:
+def upload_choice(uploads: UploadStore, owner_key: str | None, uploaded_file: str | None) -> DatasetChoice:
     if not uploaded_file:
         raise DatasetChoiceError("upload a .zip with COCO JSON + images, or an image folder with metadata.jsonl")
-    root = extract_zip(Path(uploaded_file), paths.scratch("uploads"))
-    check_dataset_references(root)
+    if owner_key is None:
+        raise DatasetChoiceError("reload the page: this browser's session is not known to the server")
+    root = uploads.unpack(owner_key, Path(uploaded_file))
+    try:
+        check_dataset_references(root)
+    except ValueError:
+        uploads.discard(root)
+        raise
     return DatasetChoice(str(root), f"uploaded {Path(uploaded_file).name}")
 
 
@@ -111,6 +118,8 @@ def resolve_dataset(
     hub_id: str = "",
     folder: str = "",
     upload: str | None = None,
+    uploads: UploadStore | None = None,
+    owner_key: str | None = None,
     labelled: Path | None = None,
 ) -> DatasetChoice:
     """The dataset the form describes; ``DatasetChoiceError`` / ``PathNotAllowedError`` / ``ArchiveError`` if none."""
@@ -121,7 +130,9 @@ def resolve_dataset(
     if kind == "folder":
         return folder_choice(paths, folder)
     if kind == "upload":
-        return upload_choice(paths, upload)
+        if uploads is None:
+            raise DatasetChoiceError("this server takes no uploads")
+        return upload_choice(uploads, owner_key, upload)
     if kind == "labelled":
         return labelled_choice(labelled)
     raise DatasetChoiceError(f"unknown dataset kind {kind!r}; choose one of {[k for _, k in DATASET_KINDS]}")

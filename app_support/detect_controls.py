@@ -27,13 +27,15 @@ class DetectControls:
     threshold: gr.Slider
     max_detections: gr.Slider
     classes: gr.Dropdown
+    visitor: gr.BrowserState  # whose fine-tuned models the picker may name
 
     def detection_inputs(self) -> list[gr.components.Component]:
-        """In the order every mode's handler takes them: model, resolution, threshold, max detections, classes."""
-        return [self.model, self.resolution, self.threshold, self.max_detections, self.classes]
+        """In the order every mode's handler takes them: model, resolution, threshold, max detections, classes,
+        visitor."""
+        return [self.model, self.resolution, self.threshold, self.max_detections, self.classes, self.visitor]
 
 
-def build_filters(model: gr.Dropdown) -> DetectControls:
+def build_filters(model: gr.Dropdown, visitor: gr.BrowserState) -> DetectControls:
     """The sliders and pickers under the model picker, inside the current layout block."""
     with gr.Row():
         threshold = gr.Slider(
@@ -46,4 +48,4 @@ def build_filters(model: gr.Dropdown) -> DetectControls:
         resolution = gr.Dropdown(
             list(RESOLUTIONS), value=0, label="Inference resolution (shortest edge)", elem_id="resolution"
         )
-    return DetectControls(model, resolution, threshold, max_detections, classes)
+    return DetectControls(model, resolution, threshold, max_detections, classes, visitor)

@@ -24,6 +24,7 @@ from app_support.downloads import DownloadFolder
 from app_support.errors import user_errors
 from app_support.live_tab import LiveTab
 from app_support.model_choices import ModelChoice, ModelRegistry, NoModelAvailableError
+from app_support.owners import Identities
 from app_support.video_tab import VideoTab
 from ddetr.drawing import display_copy, draw_detections
 from ddetr.pipeline import Candidates, Detection
@@ -76,8 +77,11 @@ def class_names(detector: Detector) -> list[str]:
 
 
 class DetectTab:
-    def __init__(self, registry: ModelRegistry, detectors: DetectorCache, downloads: DownloadFolder) -> None:
+    def __init__(
+        self, registry: ModelRegistry, detectors: DetectorCache, downloads: DownloadFolder, identities: Identities
+    ) -> None:
         self.registry = registry
+        self.identities = identities
         self.detectors = detectors
         self.downloads = downloads
 
@@ -90,16 +94,21 @@ class DetectTab:
             return None
 
     @user_errors
-    def refresh_models(self, current: str | None) -> Any:
-        choices = self.registry.dropdown_choices()
+    def refresh_models(
+        self, current: str | None, visitor: str | None = None, profile: gr.OAuthProfile | None = None
+    ) -> Any:
+        """The picker's choices for this visitor: the shared models and their own fine-tuned ones."""
+        choices = self.registry.dropdown_choices(self.identities.owner_key(visitor, profile))
         keys = [key for _, key in choices]
         return gr.update(choices=choices, value=current if current in keys else self.default_key())
 
     @user_errors
-    def select_model(self, model_key: str | None) -> tuple[str, Any]:
+    def select_model(
+        self, model_key: str | None, visitor: str | None = None, profile: gr.OAuthProfile | None = None
+    ) -> tuple[str, Any]:
         """Load the picked model (once; it stays cached) and show its name and classes."""
         try:
-            choice = self.registry.pick(model_key)
+            choice = self.registry.pick(model_key, self.identities.owner_key(visitor, profile))
         except NoModelAvailableError as error:
             return f"**No model loaded.** {error}", gr.update(choices=[], value=[])
         detector = self.detectors.get(choice)
@@ -114,6 +123,8 @@ class DetectTab:
         threshold: float,
         max_detections: int,
         classes: list[str] | None,
+        visitor: str | None = None,
+        profile: gr.OAuthProfile | None = None,
     ) -> tuple[Any, ...]:
         """Run the model once on the image and show the filtered result; returns the outputs plus the new state."""
         if not image_path:
@@ -121,7 +132,7 @@ class DetectTab:
                 *DetectOutputs(None, [], None, "Upload an image, take a webcam photo or paste one.").as_tuple(),
                 None,
             )
-        choice = self.registry.pick(model_key)
+        choice = self.registry.pick(model_key, self.identities.owner_key(visitor, profile))
         detector = self.detectors.get(choice)
         picture = detector.processor.load_image(image_path)
         with self.detectors.inference_lock:
@@ -177,7 +188,7 @@ class DetectTab:
     # -- layout ------------------------------------------------------------------------------------------------- #
 
     def build(
-        self, examples: dict[str, list[Path]], *, live: LiveTab, video: VideoTab
+        self, examples: dict[str, list[Path]], *, live: LiveTab, video: VideoTab, visitor: gr.BrowserState
     ) -> dict[str, gr.components.Component]:
         """Create the tab's components inside the current ``gr.Tab`` and wire their events: the model picker and
         filters on top, shared by the three modes below (Image, Webcam, Video)."""
@@ -188,7 +199,7 @@ class DetectTab:
             )
             refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
         model_info = gr.Markdown(elem_id="model-info")
-        controls = build_filters(model)
+        controls = build_filters(model, visitor)
         threshold, max_detections, classes, resolution = (
             controls.threshold,
             controls.max_detections,
@@ -229,10 +240,10 @@ class DetectTab:
         image.change(**run, **queue_options, **private, api_name="ui_detect_on_image")
         detect_button.click(**run, **queue_options, **private, api_name="ui_detect_on_click")
         resolution.change(**run, **queue_options, **private, api_name="ui_detect_on_resolution")
-        model.change(self.select_model, [model], [model_info, classes], **private, api_name="ui_select_model").then(
-            **run, **queue_options, **private, api_name="ui_detect_on_model"
-        )
-        refresh.click(self.refresh_models, [model], [model], **private, api_name="ui_refresh_models")
+        model.change(
+            self.select_model, [model, visitor], [model_info, classes], **private, api_name="ui_select_model"
+        ).then(**run, **queue_options, **private, api_name="ui_detect_on_model")
+        refresh.click(self.refresh_models, [model, visitor], [model], **private, api_name="ui_refresh_models")
         for name, control in (("threshold", threshold), ("max", max_detections), ("classes", classes)):
             control.change(
                 self.refilter,

@@ -1,46 +1,66 @@
-"""The Fine-tune tab: choose data and a base model, start/stop/resume one server-side job, watch it learn.
+"""The Fine-tune tab: choose data and a base model, start/stop/resume an owned job, watch it learn.
 
-Progress is polled (``gr.Timer``) from the server's single job rather than streamed to the page that started it,
-so a reload, or a second visitor, sees the same running job. Each poll sends only what changed since the page's
-last poll (``gr.skip()`` for the rest), so an idle page costs almost nothing.
+Jobs belong to whoever started them (``owners``: the HF login, else the browser's token; API clients get a job
+token). The page polls (``gr.Timer``) its owner's latest job, so a reload still shows and controls it; other
+visitors see only the public summary. Each poll sends only what changed since the page's last poll (``gr.skip()``
+for the rest), and reads a cached snapshot, so any number of idle pages cost almost nothing.
+
+API: ``/finetune_start(...form...)`` returns ``{"run", "token", "state", "place_in_line"}``; ``/finetune_stop(token)``,
+``/finetune_resume(run_name, token)`` and ``/finetune_stream(token)`` take that token as their last argument;
+``/finetune_status()`` is the public summary. The admin token (``--admin-token``) stops any job.
 
 A finished run's model downloads as a zip of its folder (``ddetr-<run>.zip``) and, on request, as ONNX
-(``<run>-onnx.zip``: model.onnx, config.json, preprocessor_config.json). The ONNX export runs in the request that
-asks for it, once per run: a lock makes the cache lookup and the export one step, and later requests get the
-cached zip.
+(``<run>-onnx.zip``: model.onnx, config.json, preprocessor_config.json), for its owner only. The ONNX export runs
+in the request that asks for it, once per run: a lock makes the cache lookup and the export one step.
 """
 
 from __future__ import annotations
 
-import html
-import math
+import asyncio
 import tempfile
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from app_support.dataset_sources import (
     DATASET_KINDS,
     SHAPES_SIZES,
     SHAPES_TRAIN_RANGE,
     SHAPES_VALIDATION_RANGE,
+    DatasetChoice,
     data_folder_entries,
     resolve_dataset,
 )
 from app_support.downloads import DownloadFolder
-from app_support.errors import UserFacingError, user_errors
+from app_support.errors import UserFacingError, as_user_error, user_errors
+from app_support.finetune_view import METRIC_COLUMNS, loss_frame, map_frame, metrics_rows, status_html
+from app_support.jobs import Job, JobSnapshot, NotYourJobError, TrainingJobs
 from app_support.model_choices import ModelRegistry
+from app_support.owners import Identities, Owner, owner_of_job_token
 from app_support.paths import AppPaths
-from app_support.training import APP_TRAINING_DEFAULTS, JobSnapshot, TrainingJobs, base_model_choices
+from app_support.session_limits import RateLimit, SessionLimits, session_key
+from app_support.training import (
+    APP_TRAINING_DEFAULTS,
+    CheckpointPreviews,
+    base_model_choices,
+    prepare_for_app,
+    preview_dataset,
+    training_config,
+    validation_images,
+)
+from app_support.uploads import UploadStore
 from ddetr.drawing import draw_detections
 from ddetr.export import ExportError, export_onnx
+from finetune.data.prepare import PreparedData
+from finetune.run.setup import data_settings
 
 POLL_SECONDS = 2.0
+STREAM_POLL_SECONDS = 0.5
 IMAGE_SIZES: tuple[tuple[str, int], ...] = (
     ("model default", 0),
     ("128 px", 128),
@@ -50,13 +70,8 @@ IMAGE_SIZES: tuple[tuple[str, int], ...] = (
     ("512 px", 512),
     ("800 px", 800),
 )
-LOSS_SERIES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
-MAP_SERIES = ("map", "map_50", "map_75")
-METRIC_COLUMNS = ("step", "epoch", "map", "map_50", "map_75", "mar_100")
-# Explicit column types: the plot fixes its axis types from the first frame it gets, and an empty frame would
-# otherwise make every column "nominal" (one tick per distinct loss value, no line).
-PLOT_TYPES = {"step": "int64", "value": "float64", "series": "string"}
 ONNX_FILE = "model.onnx"
+CHECKED_KEPT = 8  # owners whose last checked dataset is kept for their next Start
 
 
 class OnnxExportFailedError(UserFacingError):
@@ -74,90 +89,57 @@ class DatasetForm:
     hub_id: str
     folder: str
     upload: str | None
-    visitor: str | None = None  # the browser's token (gr.BrowserState), for the Label tab's dataset
 
 
-def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    rows = [
-        {"step": r["step"], "value": r[name], "series": name}
-        for r in records
-        if r.get("type") == "train"
-        for name in LOSS_SERIES
-        if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])
-    ]
-    return pd.DataFrame(rows, columns=list(PLOT_TYPES)).astype(PLOT_TYPES)
+@dataclass(frozen=True)
+class FinetuneServices:
+    """What the tab works with besides the page: jobs, models, identities, uploads and the visitor's datasets."""
 
-
-def map_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    rows = [
-        {"step": r["step"], "value": max(0.0, r[name]), "series": name}
-        for r in records
-        if r.get("type") == "eval"
-        for name in MAP_SERIES
-        if isinstance(r.get(name), (int, float))
-    ]
-    return pd.DataFrame(rows, columns=list(PLOT_TYPES)).astype(PLOT_TYPES)
-
-
-def metrics_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
-    def shown(value: Any) -> Any:
-        # COCO reports -1 for an area bucket without objects; a table should say n/a.
-        return "n/a" if isinstance(value, (int, float)) and value < 0 else value
-
-    return [
-        [shown(round(r[c], 4)) if isinstance(r.get(c), float) else r.get(c) for c in METRIC_COLUMNS]
-        for r in records
-        if r.get("type") == "eval"
-    ]
-
-
-def status_html(snapshot: JobSnapshot, paths: AppPaths) -> str:
-    if snapshot.run_name is None:
-        return "<p>No training job has run since the server started.</p>"
-    total = max(snapshot.total_steps, 1)
-    train = [r for r in snapshot.records if r.get("type") == "train"]
-    speed = train[-1].get("steps_per_second") if train else None
-    details = [f"<b>{html.escape(snapshot.state)}</b>", f"step {snapshot.step} / {snapshot.total_steps or '?'}"]
-    if train and isinstance(train[-1].get("loss"), float):
-        details.append(f"loss {train[-1]['loss']:.3f}")
-    if snapshot.active and speed:
-        remaining = (snapshot.total_steps - snapshot.step) / speed
-        details.append(f"{speed:.2f} steps/s, about {remaining / 60:.1f} min left")
-    if snapshot.message:
-        details.append(html.escape(paths.redact(snapshot.message)))
-    return (
-        f'<div id="finetune-status-text">run {html.escape(snapshot.run_name)} · {" · ".join(details)}</div>'
-        f'<progress value="{snapshot.step}" max="{total}" style="width:100%"></progress>'
-    )
+    paths: AppPaths
+    jobs: TrainingJobs
+    registry: ModelRegistry
+    downloads: DownloadFolder
+    identities: Identities
+    uploads: UploadStore
+    previews: CheckpointPreviews
+    labelled_folder: Callable[[str | None], Path | None] = lambda token: None
 
 
 class FinetuneTab:
-    def __init__(
-        self,
-        paths: AppPaths,
-        jobs: TrainingJobs,
-        registry: ModelRegistry,
-        downloads: DownloadFolder,
-        *,
-        labelled_folder: Callable[[str | None], Path | None] = lambda token: None,
-    ) -> None:
-        self.paths = paths
-        self.labelled_folder = labelled_folder
-        self.jobs = jobs
-        self.registry = registry
-        self.downloads = downloads
-        self._uploads: dict[str, Any] = {}  # upload path -> DatasetChoice, so Check then Start unpacks once
+    def __init__(self, services: FinetuneServices) -> None:
+        self.services = services
+        self.paths = services.paths
+        self.jobs = services.jobs
+        self.registry = services.registry
+        self.downloads = services.downloads
+        self.identities = services.identities
+        self._checked: OrderedDict[str, PreparedData] = OrderedDict()  # owner key -> data their Check validated
+        self._checked_lock = threading.Lock()
         self._zips: dict[str, str] = {}  # run name -> downloadable zip of its model
         self._onnx_zips: dict[str, Path] = {}  # run name -> downloadable zip of its ONNX export
         # Held while exporting and while looking up the cache, so two clicks never export the same run twice.
         self._onnx_lock = threading.Lock()
+        self.streams = SessionLimits("progress streams", per_session=2, total=16)
+        self.checks = SessionLimits("dataset checks", per_session=1, total=2)
+        self.status_rate = RateLimit("status", calls=10, seconds=1.0)
+        self._upload_sessions: dict[str, str] = {}  # session -> owner key, for sessions that uploaded a dataset
 
-    # -- event handlers ----------------------------------------------------------------------------------------- #
+    # -- who is asking ------------------------------------------------------------------------------------------ #
 
-    def _dataset(self, form: DatasetForm) -> Any:
-        if form.kind == "upload" and form.upload and form.upload in self._uploads:
-            return self._uploads[form.upload]
-        choice = resolve_dataset(
+    def _owner(self, visitor: str | None, profile: Any) -> Owner | None:
+        return self.identities.owner(visitor, profile)
+
+    def _own_job(self, visitor: str | None, profile: Any, token: str | None = None) -> Job | None:
+        return self.jobs.latest_job(self._owner(visitor, profile), token)
+
+    # -- dataset ------------------------------------------------------------------------------------------------ #
+
+    def _dataset(
+        self, form: DatasetForm, visitor: str | None, owner: Owner | None, request: gr.Request | None
+    ) -> DatasetChoice:
+        if form.kind == "upload" and owner is not None:
+            self._upload_sessions[session_key(request)] = owner.key
+        return resolve_dataset(
             self.paths,
             form.kind,
             shapes_train=form.shapes_train,
@@ -166,21 +148,53 @@ class FinetuneTab:
             hub_id=form.hub_id,
             folder=form.folder,
             upload=form.upload,
-            labelled=self.labelled_folder(form.visitor) if form.kind == "labelled" else None,
+            uploads=self.services.uploads,
+            owner_key=owner.key if owner is not None else None,
+            labelled=self.services.labelled_folder(visitor) if form.kind == "labelled" else None,
         )
-        if form.kind == "upload" and form.upload:
-            self._uploads = {form.upload: choice}
-        return choice
+
+    def _prepare(self, choice: DatasetChoice, config: Any, owner_key: str | None) -> PreparedData:
+        """The validated dataset: the one this owner's last Check validated with these settings, else afresh. A
+        refused upload is deleted."""
+        with self._checked_lock:
+            checked = self._checked.pop(owner_key, None) if owner_key else None
+        if checked is not None and checked.settings == data_settings(config):
+            return checked
+        try:
+            return prepare_for_app(config, choice.label)
+        except ValueError:
+            self.services.uploads.discard(Path(choice.source))
+            raise
 
     @user_errors
-    def check_dataset(self, *form_values: Any) -> tuple[str, list[tuple[Any, str]]]:
+    def check_dataset(
+        self, *values: Any, request: gr.Request | None = None, profile: gr.OAuthProfile | None = None
+    ) -> tuple[str, list[tuple[Any, str]]]:
         """Validate the chosen dataset and show its report and a few images with their boxes."""
-        choice = self._dataset(DatasetForm(*form_values))
-        preview = self.jobs.check_dataset(choice.source, choice.label)
+        *form_values, visitor = values
+        owner = self._owner(visitor, profile)
+        with self.checks.hold(request):
+            choice = self._dataset(DatasetForm(*form_values), visitor, owner, request)
+            config = APP_TRAINING_DEFAULTS.with_overrides(dataset=choice.source)
+            prepared = self._prepare(choice, config, None)
+        if owner is not None:
+            with self._checked_lock:
+                self._checked[owner.key] = prepared
+                while len(self._checked) > CHECKED_KEPT:
+                    self._checked.popitem(last=False)
+        preview = preview_dataset(prepared, choice.label)
         sizes = ", ".join(f"{name} {count}" for name, count in preview.split_sizes.items())
         header = f"{choice.label}: {len(preview.class_names)} classes ({', '.join(preview.class_names)}); {sizes}"
         gallery = [(draw_detections(image, truth), f"{len(truth)} objects") for image, truth in preview.samples]
         return f"{self.paths.redact(header)}\n\n{self.paths.redact(preview.report)}", gallery
+
+    def release_session(self, request: gr.Request) -> None:
+        """A page closed (or reloaded): delete the uploads its owner unpacked, except those a job trains on."""
+        owner_key = self._upload_sessions.pop(session_key(request), None)
+        if owner_key is not None:
+            self.services.uploads.release(owner_key, keep=self.jobs.active_datasets())
+
+    # -- control ------------------------------------------------------------------------------------------------ #
 
     @user_errors
     def start(
@@ -201,55 +215,96 @@ class FinetuneTab:
         eval_every: int,
         save_every: int,
         visitor: str | None = None,
-    ) -> str:
-        """Start a training job (one per server); returns the run's name."""
-        form = DatasetForm(kind, shapes_train, shapes_validation, shapes_size, hub_id, folder, upload, visitor)
-        choice = self._dataset(form)
-        # TrainConfig settings; 0 in the "max steps" and "image size" fields means "not set".
-        settings = {
-            "epochs": int(epochs),
-            "max_steps": int(max_steps) if max_steps else None,
-            "batch_size": int(batch_size),
-            "lr": float(lr),
-            "image_size": int(image_size) if image_size else None,
-            "eval_every": int(eval_every),
-            "save_every": int(save_every),
-        }
-        name = self.jobs.start(
-            dataset_source=choice.source,
-            description=choice.label,
-            base_model=self._base_model_source(base_model),
-            settings=settings,
+        request: gr.Request | None = None,
+        profile: gr.OAuthProfile | None = None,
+    ) -> dict[str, Any]:
+        """Validate the dataset and queue a training job owned by the requester; returns the run's name, the token
+        that controls it, and its place in line."""
+        owner = self._owner(visitor, profile)
+        token = None
+        if owner is None:  # an API client: the job's own token is its owner
+            token, owner = owner_of_job_token()
+        form = DatasetForm(kind, shapes_train, shapes_validation, shapes_size, hub_id, folder, upload)
+        with self.checks.hold(request):
+            choice = self._dataset(form, visitor, owner, request)
+            # TrainConfig settings; 0 in the "max steps" and "image size" fields means "not set".
+            settings = {
+                "epochs": int(epochs),
+                "max_steps": int(max_steps) if max_steps else None,
+                "batch_size": int(batch_size),
+                "lr": float(lr),
+                "image_size": int(image_size) if image_size else None,
+                "eval_every": int(eval_every),
+                "save_every": int(save_every),
+            }
+            config = training_config(
+                dataset=choice.source,
+                model=self._base_model_source(base_model, owner),
+                output_dir=self.jobs.new_run_dir(owner),
+                **settings,
+            )
+            prepared = self._prepare(choice, config, owner.key)
+        job, token = self.jobs.submit(
+            owner, config, description=choice.label, validation_images=validation_images(prepared), token=token
         )
-        gr.Info(f"Training started: run {name}")
-        return name
+        snapshot = self.jobs.snapshot(job)
+        where = "training" if snapshot.place_in_line == 0 else f"waiting, place {snapshot.place_in_line} in line"
+        gr.Info(f"Run {job.name} queued: {where}")
+        return {"run": job.name, "token": token, "state": snapshot.state, "place_in_line": snapshot.place_in_line}
 
-    def _base_model_source(self, key: str) -> str:
+    def _base_model_source(self, key: str, owner: Owner) -> str:
         if key and key.startswith("preset:"):
             return key.removeprefix("preset:")
-        return self.registry.get(key).source
+        return self.registry.get(key, owner_key=owner.key).source
 
     @user_errors
-    def stop(self) -> str:
-        stopped = self.jobs.stop()
-        return "stopping after the current step (a checkpoint is saved)" if stopped else "no job is running"
+    def stop(self, token: str | None, visitor: str | None = None, profile: gr.OAuthProfile | None = None) -> str:
+        admin = self.identities.is_admin(token, profile)
+        stopped = self.jobs.stop(self._owner(visitor, profile), token, admin=admin)
+        if stopped is None:
+            return "you have no job running or waiting" if not admin else "no job is running"
+        return f"stopping run {stopped} after the current step (a checkpoint is saved)"
 
     @user_errors
-    def resume(self, run_name: str | None) -> str:
+    def resume(
+        self,
+        run_name: str | None,
+        token: str | None,
+        visitor: str | None = None,
+        profile: gr.OAuthProfile | None = None,
+    ) -> str:
         if not run_name:
             raise ValueError("pick a stopped run to resume")
-        return self.jobs.resume(run_name)
+        job = self.jobs.resume(run_name, self._owner(visitor, profile), token)
+        snapshot = self.jobs.snapshot(job)
+        if snapshot.place_in_line:
+            return f"run {job.name} resumes when it is its turn (place {snapshot.place_in_line} in line)"
+        return f"run {job.name} resumed"
+
+    # -- reporting ---------------------------------------------------------------------------------------------- #
+
+    def _predictions(self, job: Job | None) -> list[tuple[Any, list[dict[str, Any]]]]:
+        found = self.jobs.checkpoint_dir(job)
+        if job is None or found is None or not job.validation_images:
+            return []
+        key, checkpoint = found
+        return self.services.previews.predictions(key, job.directory, checkpoint, job.validation_images)
 
     @user_errors
-    def refresh(self, last_version: Any) -> tuple[Any, ...]:
-        """One poll: status always; plots, table, predictions and buttons only when the job changed."""
-        snapshot = self.jobs.snapshot()
-        status = status_html(snapshot, self.paths)
-        if snapshot.version == last_version:
+    def refresh(
+        self, last_version: Any, visitor: str | None = None, profile: gr.OAuthProfile | None = None
+    ) -> tuple[Any, ...]:
+        """One poll: status always; plots, table, predictions and buttons only when the owner's job changed."""
+        owner = self._owner(visitor, profile)
+        job = self.jobs.latest_job(owner)
+        snapshot = self.jobs.snapshot(job)
+        status = status_html(snapshot, self.paths, self.jobs.public_summary())
+        version = (owner.key if owner else None, snapshot.version)
+        if version == last_version:
             return (status, *([gr.skip()] * 7), last_version)
         finished = snapshot.state == "finished" and snapshot.model_dir is not None
         gallery = [
-            (draw_detections(image, found), f"{len(found)} detections") for image, found in self.jobs.predictions()
+            (draw_detections(image, found), f"{len(found)} detections") for image, found in self._predictions(job)
         ]
         return (
             status,
@@ -259,8 +314,8 @@ class FinetuneTab:
             gallery,
             gr.update(interactive=finished),
             gr.update(value=self._model_zip(snapshot) if finished else None, visible=finished),
-            gr.update(choices=self.jobs.resumable_runs()),
-            snapshot.version,
+            gr.update(choices=self.jobs.resumable_runs(owner.key if owner else None)),
+            version,
         )
 
     def _model_zip(self, snapshot: JobSnapshot) -> str | None:
@@ -269,13 +324,18 @@ class FinetuneTab:
             self._zips[name] = str(self.downloads.zip_directory(snapshot.model_dir, f"ddetr-{name}"))
         return self._zips.get(name)
 
-    @user_errors
-    def download_onnx(self) -> Any:
-        """Export the last job's finished model to ONNX (once per run) and offer the zip of it and its JSON files."""
-        snapshot = self.jobs.snapshot()
+    def _finished(self, visitor: str | None, profile: Any) -> tuple[str, Path]:
+        """(run name, model folder) of the requester's last job, which must have finished."""
+        snapshot = self.jobs.snapshot(self._own_job(visitor, profile))
         if snapshot.state != "finished" or snapshot.run_name is None or snapshot.model_dir is None:
-            raise ValueError("the last training job has not finished, so it has no model to export to ONNX yet")
-        return gr.update(value=str(self._onnx_zip(snapshot.run_name, snapshot.model_dir)), visible=True)
+            raise ValueError("your last training job has not finished, so it has no model yet")
+        return snapshot.run_name, snapshot.model_dir
+
+    @user_errors
+    def download_onnx(self, visitor: str | None = None, profile: gr.OAuthProfile | None = None) -> Any:
+        """Export the owner's finished model to ONNX (once per run) and offer the zip of it and its JSON files."""
+        name, model_dir = self._finished(visitor, profile)
+        return gr.update(value=str(self._onnx_zip(name, model_dir)), visible=True)
 
     def _onnx_zip(self, name: str, model_dir: Path) -> Path:
         with self._onnx_lock:
@@ -303,44 +363,64 @@ class FinetuneTab:
         return gr.update(interactive=bool(model_zip)), gr.update(value=None, visible=False)
 
     @user_errors
-    def use_in_detect(self) -> tuple[Any, Any]:
-        """Switch the Detect tab to the model the last job exported."""
-        snapshot = self.jobs.snapshot()
-        if snapshot.state != "finished" or snapshot.run_name is None:
-            raise ValueError("the last training job has not finished, so it has no model yet")
-        key = f"run:{snapshot.run_name}"
-        self.registry.get(key)  # listed, i.e. its export is complete
-        return gr.update(choices=self.registry.dropdown_choices(), value=key), gr.Tabs(selected="detect")
+    def use_in_detect(self, visitor: str | None = None, profile: gr.OAuthProfile | None = None) -> tuple[Any, Any]:
+        """Switch the Detect tab to the model the owner's last job exported."""
+        name, _ = self._finished(visitor, profile)
+        owner = self._owner(visitor, profile)
+        owner_key = owner.key if owner else None
+        key = f"run:{name}"
+        self.registry.get(key, owner_key=owner_key)  # listed, i.e. its export is complete
+        return gr.update(choices=self.registry.dropdown_choices(owner_key), value=key), gr.Tabs(selected="detect")
 
-    def status_json(self) -> dict[str, Any]:
-        snapshot = self.jobs.snapshot()
+    @user_errors
+    def status_json(self, request: gr.Request | None = None) -> dict[str, Any]:
+        """The public summary (cached, rate-limited per session): anyone may know whether the server trains."""
+        self.status_rate.check(request)
+        return self.jobs.public_summary()
+
+    def _job_status(self, job: Job) -> dict[str, Any]:
+        snapshot = self.jobs.snapshot(job)
         return {
             "run": snapshot.run_name,
             "state": snapshot.state,
             "step": snapshot.step,
             "total_steps": snapshot.total_steps,
+            "place_in_line": snapshot.place_in_line,
+            "message": self.paths.redact(snapshot.message),
             "records": snapshot.records,
         }
 
-    def stream(self) -> Any:
-        """Yield the job's status (with all records so far) whenever it changes, until the job ends."""
-        last = None
-        while True:
-            snapshot = self.jobs.snapshot()
-            if snapshot.version != last:
-                last = snapshot.version
-                yield self.status_json()
-            if not snapshot.active:
-                return
-            self.jobs.wait(POLL_SECONDS / 4)
+    async def stream(
+        self, token: str | None, visitor: str | None = None, request: gr.Request | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield the token's job status (with all records so far) whenever it changes, until the job ends. Async:
+        a waiting stream holds no worker thread, and it never queues (the session's slot is taken or refused)."""
+        try:
+            with self.streams.hold(request):
+                job = self.jobs.latest_job(self._owner(visitor, None), token)
+                if job is None:
+                    raise NotYourJobError("no job of yours to stream: pass the token /finetune_start returned")
+                last = None
+                while True:
+                    snapshot = self.jobs.snapshot(job)
+                    if snapshot.version != last:
+                        last = snapshot.version
+                        yield self._job_status(job)
+                    if not snapshot.active:
+                        return
+                    await asyncio.sleep(STREAM_POLL_SECONDS)
+        except Exception as error:
+            raise as_user_error(error) from error
 
     # -- layout ------------------------------------------------------------------------------------------------- #
 
     def build(self, *, detect_model: gr.Dropdown, tabs: gr.Tabs, visitor: gr.BrowserState) -> gr.Radio:
-        """``visitor`` is the browser's token (the Label tab's dataset); returns the dataset-kind picker."""
-        """Create the tab's components inside the current ``gr.Tab`` and wire their events."""
+        """Create the tab's components inside the current ``gr.Tab`` and wire their events; ``visitor`` is the
+        browser's token (who owns jobs, and the Label tab's dataset). Returns the dataset-kind picker."""
         private = {"api_visibility": "private"}
-        control = {"concurrency_id": "finetune_control", "concurrency_limit": 1}
+        # Check and Start validate datasets: a group of their own (never Stop's or Detect's), two at a time, each
+        # session one at a time (``self.checks``).
+        control = {"concurrency_id": "finetune_check", "concurrency_limit": 2}
         with gr.Row():
             with gr.Column():
                 gr.Markdown("### 1. Dataset")
@@ -414,7 +494,9 @@ class FinetuneTab:
                     start = gr.Button("Start", variant="primary", elem_id="finetune-start")
                     stop = gr.Button("Stop", variant="stop", elem_id="finetune-stop")
                 with gr.Row():
-                    resumable = gr.Dropdown(self.jobs.resumable_runs(), label="Stopped runs", scale=3)
+                    resumable = gr.Dropdown(
+                        [], label="Your stopped runs", allow_custom_value=True, scale=3, elem_id="resumable-runs"
+                    )
                     resume = gr.Button("Resume", scale=1, elem_id="finetune-resume")
                 notice = gr.Textbox(label="Last action", interactive=False, elem_id="finetune-notice")
         gr.Markdown("### 3. Training")
@@ -470,22 +552,27 @@ class FinetuneTab:
         )
         settings_inputs = [base_model, epochs, max_steps, batch_size, lr, image_size, eval_every, save_every]
         # The browser's token goes last: state is not part of the API, so /finetune_start keeps its arguments.
+        # The page's own job token stays empty: the browser's token (state, not part of the API) says who it is.
+        with gr.Row(visible=False):
+            job_token = gr.Textbox("", label="job token", elem_id="finetune-token")
+            started = gr.JSON(label="started")
         start.click(
-            self.start, [*dataset_inputs, *settings_inputs, visitor], notice, **control, api_name="finetune_start"
-        )
-        stop.click(self.stop, None, notice, queue=False, api_name="finetune_stop")
-        resume.click(self.resume, resumable, notice, **control, api_name="finetune_resume")
+            self.start, [*dataset_inputs, *settings_inputs, visitor], started, **control, api_name="finetune_start"
+        ).then(_started_notice, started, notice, queue=False, **private, api_name="ui_started_notice")
+        # Unqueued: Stop answers however full the queue is.
+        stop.click(self.stop, [job_token, visitor], notice, queue=False, api_name="finetune_stop")
+        resume.click(self.resume, [resumable, job_token, visitor], notice, queue=False, api_name="finetune_resume")
         poll_outputs = [status, loss_plot, map_plot, metrics, predictions, use, download, resumable, version]
         timer = gr.Timer(POLL_SECONDS)
-        timer.tick(self.refresh, version, poll_outputs, show_progress="hidden", queue=False, **private)
-        use.click(self.use_in_detect, None, [detect_model, tabs], **private, api_name="ui_use_in_detect")
+        timer.tick(self.refresh, [version, visitor], poll_outputs, show_progress="hidden", queue=False, **private)
+        use.click(self.use_in_detect, visitor, [detect_model, tabs], **private, api_name="ui_use_in_detect")
         # The poll sets the model download when a job finishes (or a new one starts); the ONNX controls follow it.
         download.change(
             self.onnx_controls, download, [onnx, onnx_file], queue=False, **private, api_name="ui_onnx_controls"
         )
         onnx.click(
             self.download_onnx,
-            None,
+            visitor,
             onnx_file,
             concurrency_id="finetune_onnx",
             concurrency_limit=1,
@@ -498,12 +585,19 @@ class FinetuneTab:
             status_trigger = gr.Button("status")
             stream_trigger = gr.Button("stream")
         status_trigger.click(self.status_json, None, status_json, queue=False, api_name="finetune_status")
+        # No concurrency slot to wait for: a stream starts at once or is refused (``self.streams``).
         stream_trigger.click(
             self.stream,
-            None,
+            [job_token, visitor],
             status_json,
-            concurrency_id="finetune_stream",
-            concurrency_limit=8,
+            concurrency_limit=None,
             api_name="finetune_stream",
         )
         return kind
+
+
+def _started_notice(result: Any) -> str:
+    if not isinstance(result, dict) or "run" not in result:
+        return ""
+    place = result.get("place_in_line") or 0
+    return f"run {result['run']} started" if not place else f"run {result['run']} waits: place {place} in line"

@@ -23,9 +23,11 @@ from app_support.archives import extract_zip
 from app_support.detector_cache import DetectorCache
 from app_support.downloads import DownloadFolder
 from app_support.errors import user_errors
+from app_support.jobs import TrainingJobs
 from app_support.label_store import IMAGE_SUFFIXES, LabelStore
 from app_support.model_choices import ModelRegistry
-from app_support.training import TrainingJobs
+from app_support.owners import Identities
+from app_support.training import CheckpointPreviews
 from app_support.visitors import BROWSER_SECRET, BROWSER_STORAGE_KEY, Visitors
 from finetune.data.export_coco import export_coco
 from finetune.data.hub_push import push_dataset
@@ -63,10 +65,14 @@ class LabelTab:
         detectors: DetectorCache,
         *,
         jobs: TrainingJobs,
+        previews: CheckpointPreviews,
+        identities: Identities,
         work: Path,
         downloads: DownloadFolder,
     ) -> None:
         self.jobs = jobs
+        self.previews = previews
+        self.identities = identities
         self.visitors = visitors
         self.registry = registry
         self.detectors = detectors
@@ -155,7 +161,14 @@ class LabelTab:
         return self._view(store, (index + delta) % max(1, len(store.images)))
 
     @user_errors
-    def assist(self, token: str | None, index: int, model_key: str | None, threshold: float) -> tuple[Any, ...]:
+    def assist(
+        self,
+        token: str | None,
+        index: int,
+        model_key: str | None,
+        threshold: float,
+        profile: gr.OAuthProfile | None = None,
+    ) -> tuple[Any, ...]:
         """Pre-fill the current image with a model's boxes (above ``threshold``) whose class names match the
         visitor's classes (case-insensitive); the visitor corrects them, and they are saved like drawn ones."""
         store = self.store(token)
@@ -163,14 +176,17 @@ class LabelTab:
             raise ValueError("upload images first")
         if not store.classes:
             raise ValueError("name your classes first: boxes are matched to them by name")
+        owner = self.identities.owner(token, profile)
         if model_key == CURRENT_RUN:
-            found = self.jobs.checkpoint_detector()
-            if found is None:
-                raise ValueError("the fine-tuning run has no checkpoint yet")
-            (run_name, step), detector = found
+            job = self.jobs.latest_job(owner)
+            found = self.jobs.checkpoint_dir(job)
+            if job is None or found is None:
+                raise ValueError("you have no fine-tuning run with a checkpoint yet")
+            (run_name, step), checkpoint = found
+            detector = self.previews.detector((run_name, step), job.directory, checkpoint)
             source = f"run {run_name} at step {step}"
         else:
-            choice = self.registry.pick(model_key)
+            choice = self.registry.pick(model_key, owner.key if owner is not None else None)
             detector, source = self.detectors.get(choice), choice.label
         with self.detectors.inference_lock:
             (candidates,) = detector.candidates([store.image_path(index)])
@@ -238,7 +254,7 @@ class LabelTab:
             following = gr.Button("Next →", elem_id="label-next")
         with gr.Row():
             assist_model = gr.Dropdown(
-                [*self.registry.dropdown_choices(), ("the run being fine-tuned (latest checkpoint)", CURRENT_RUN)],
+                [*self.registry.dropdown_choices(), ("your fine-tuning run (latest checkpoint)", CURRENT_RUN)],
                 value=None,
                 label="Label assist: model",
                 scale=3,

@@ -25,6 +25,7 @@ from app_support.detect_controls import DetectControls
 from app_support.detector_cache import DetectorCache
 from app_support.errors import user_errors
 from app_support.model_choices import ModelRegistry
+from app_support.owners import Identities
 from ddetr.drawing import display_copy, draw_detections
 from ddetr.video import DetectionSettings, FrameTracker, describe_counts
 
@@ -66,8 +67,11 @@ class LiveSession:
 
 
 class LiveTab:
-    def __init__(self, registry: ModelRegistry, detectors: DetectorCache, settings: LiveSettings) -> None:
+    def __init__(
+        self, registry: ModelRegistry, detectors: DetectorCache, settings: LiveSettings, identities: Identities
+    ) -> None:
         self.registry = registry
+        self.identities = identities
         self.detectors = detectors
         self.settings = settings
 
@@ -80,14 +84,16 @@ class LiveTab:
         threshold: float,
         max_detections: int,
         classes: list[str] | None,
+        visitor: str | None,
         session: LiveSession | None,
+        profile: gr.OAuthProfile | None = None,
     ) -> tuple[Any, str, LiveSession | None]:
         """One webcam frame in, the annotated frame, the live figures and the visitor's session out."""
         if frame is None:
             return None, "Waiting for the camera…", session
         if session is None or session.model_key != model_key:
             session = LiveSession(model_key=model_key)  # a new model means new classes: tracks start over
-        choice = self.registry.pick(model_key)
+        choice = self.registry.pick(model_key, self.identities.owner_key(visitor, profile))
         detector = self.detectors.get(choice)
         # Camera frames can be full HD or more: scaled to max_side (display_copy) before anything else.
         camera = PIL.Image.fromarray(np.ascontiguousarray(frame[..., :3]).astype(np.uint8, copy=False))

@@ -2,7 +2,8 @@
 
 The picker lists, in order: a model named on the command line, the bundled model
 (``ddetr/bundled/ddetr-shapes``), the five SenseTime checkpoints (only when cached locally or the hub answers),
-models fine-tuned in this app, and any other model directory directly under the allow-listed models folder.
+models fine-tuned in this app (each visitor sees only their own), and any other model directory directly under the
+allow-listed models folder.
 
 Every choice has an opaque ``key``. Keys coming back from a browser or an API client are looked up in the current
 listing, never turned into a path, so no request can make the app load a directory it did not list itself.
@@ -83,8 +84,9 @@ class HubReachability:
 class ModelRegistry:
     """Lists the models on offer and maps picker keys back to them.
 
-    ``finetuned`` is a callable returning ``(name, directory)`` pairs of finished fine-tuning runs; it is injected so
-    the registry does not depend on the training code.
+    ``finetuned`` is a callable returning ``(name, directory)`` pairs of an owner's finished fine-tuning runs
+    (given the owner's key; None: nobody's); it is injected so the registry does not depend on the training code.
+    Every listing and lookup takes the requester's ``owner_key``: a fine-tuned model is found only for its owner.
     """
 
     def __init__(
@@ -93,24 +95,24 @@ class ModelRegistry:
         *,
         cli_model: str | None = None,
         hub_reachable: Callable[[], bool] | None = None,
-        finetuned: Callable[[], Iterable[tuple[str, Path]]] | None = None,
+        finetuned: Callable[[str | None], Iterable[tuple[str, Path]]] | None = None,
         bundled_dir: Path = BUNDLED_MODEL_DIR,
     ) -> None:
         self.models_root = Path(models_root).resolve()
         self.bundled_dir = Path(bundled_dir)
         self.cli_model = cli_model
         self._hub_reachable = hub_reachable if hub_reachable is not None else HubReachability()
-        self._finetuned = finetuned if finetuned is not None else (lambda: ())
+        self._finetuned = finetuned if finetuned is not None else (lambda owner_key: ())
 
     # -- listing ------------------------------------------------------------------------------------------------ #
 
-    def choices(self) -> list[ModelChoice]:
-        local = self._local_listing()
+    def choices(self, owner_key: str | None = None) -> list[ModelChoice]:
+        local = self._local_listing(owner_key)
         # Hub checkpoints go after the bundled model, before fine-tuned and other local ones.
         split = sum(1 for choice in local if choice.kind in ("cli", "bundled"))
         return _unique([*local[:split], *self._hub_choices(), *local[split:]])
 
-    def _local_listing(self) -> list[ModelChoice]:
+    def _local_listing(self, owner_key: str | None) -> list[ModelChoice]:
         """Every choice that needs no network: the --model one, the bundled model, fine-tuned and local models."""
         found: list[ModelChoice] = []
         if self.cli_model:
@@ -118,15 +120,15 @@ class ModelRegistry:
         if is_model_dir(self.bundled_dir):
             label = f"{BUNDLED_MODEL_NAME} (bundled)"
             found.append(ModelChoice("bundled", label, str(self.bundled_dir.resolve()), "bundled"))
-        for name, directory in self._finetuned():
+        for name, directory in self._finetuned(owner_key) if owner_key else ():
             if is_model_dir(Path(directory)):
                 found.append(ModelChoice(f"run:{name}", f"{name} (fine-tuned here)", str(directory), "finetuned"))
         found.extend(self._local_choices())
         return _unique(found)
 
-    def dropdown_choices(self) -> list[tuple[str, str]]:
-        """``(label, key)`` pairs for ``gr.Dropdown``."""
-        return [(choice.label, choice.key) for choice in self.choices()]
+    def dropdown_choices(self, owner_key: str | None = None) -> list[tuple[str, str]]:
+        """``(label, key)`` pairs for ``gr.Dropdown``: the shared models and ``owner_key``'s own."""
+        return [(choice.label, choice.key) for choice in self.choices(owner_key)]
 
     def _cli_choice(self, model: str) -> ModelChoice:
         path = Path(model).expanduser()
@@ -157,9 +159,9 @@ class ModelRegistry:
 
     # -- lookup ------------------------------------------------------------------------------------------------- #
 
-    def get(self, key: str) -> ModelChoice:
+    def get(self, key: str, owner_key: str | None = None) -> ModelChoice:
         # Only a hub key may need to ask whether the hub is reachable; local keys never wait on the network.
-        listing = self._hub_choices() if key.startswith("hub:") else self._local_listing()
+        listing = self._hub_choices() if key.startswith("hub:") else self._local_listing(owner_key)
         for choice in listing:
             if choice.key == key:
                 return choice
@@ -169,9 +171,9 @@ class ModelRegistry:
         """The model the Detect tab starts with; see :func:`resolve_default_model`."""
         return resolve_default_model(self.choices())
 
-    def pick(self, key: str | None) -> ModelChoice:
-        """The picker's model: the listed one with ``key``, the default when none is chosen."""
-        return self.get(key) if key else self.default()
+    def pick(self, key: str | None, owner_key: str | None = None) -> ModelChoice:
+        """The picker's model: the one with ``key`` listed for ``owner_key``, the default when none is chosen."""
+        return self.get(key, owner_key) if key else self.default()
 
 
 def _unique(choices: list[ModelChoice]) -> list[ModelChoice]:

@@ -21,6 +21,7 @@ from app_support.detector_cache import DetectorCache
 from app_support.downloads import DownloadFolder
 from app_support.errors import user_errors
 from app_support.model_choices import ModelRegistry
+from app_support.owners import Identities
 from ddetr.video import AnnotatedVideo, DetectionSettings, VideoLimits, VideoProgress, annotate_video, describe_counts
 
 VIDEO_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v"]
@@ -70,9 +71,15 @@ def result_text(result: AnnotatedVideo) -> str:
 
 class VideoTab:
     def __init__(
-        self, registry: ModelRegistry, detectors: DetectorCache, outputs: DownloadFolder, settings: VideoSettings
+        self,
+        registry: ModelRegistry,
+        detectors: DetectorCache,
+        outputs: DownloadFolder,
+        settings: VideoSettings,
+        identities: Identities,
     ) -> None:
         self.registry = registry
+        self.identities = identities
         self.detectors = detectors
         self.outputs = outputs
         self.settings = settings
@@ -83,11 +90,12 @@ class VideoTab:
         self,
         video_path: str,
         model_key: str | None,
+        owner_key: str | None,
         settings: DetectionSettings,
         stride: int,
         cancel: threading.Event | None,
     ) -> Iterator[VideoProgress]:
-        choice = self.registry.pick(model_key)
+        choice = self.registry.pick(model_key, owner_key)
         detector = self.detectors.get(choice)
         return annotate_video(
             detector,
@@ -111,8 +119,10 @@ class VideoTab:
         threshold: float,
         max_detections: int,
         classes: list[str] | None,
+        visitor: str | None,
         stride: float,
         request: gr.Request,
+        profile: gr.OAuthProfile | None = None,
         progress_bar: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
     ) -> Iterator[tuple[Any, ...]]:
         """The Video mode: yields (preview, status, video, json, csv) as the video is processed."""
@@ -131,7 +141,8 @@ class VideoTab:
         try:
             yield None, "Reading the video…", None, None, None
             last_update = 0.0
-            for progress in self._run(video_path, model_key, settings, max(1, int(stride)), cancel):
+            owner_key = self.identities.owner_key(visitor, profile)
+            for progress in self._run(video_path, model_key, owner_key, settings, max(1, int(stride)), cancel):
                 result = progress.result
                 if result is not None:
                     yield (
@@ -171,7 +182,7 @@ class VideoTab:
         if not video_path:
             raise ValueError("no video was given")
         final = None
-        for progress in self._run(video_path, None, DetectionSettings(threshold=float(threshold)), 1, None):
+        for progress in self._run(video_path, None, None, DetectionSettings(threshold=float(threshold)), 1, None):
             final = progress
         if final is None or final.result is None:
             raise RuntimeError("the video produced no result")

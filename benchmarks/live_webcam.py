@@ -342,13 +342,14 @@ def main(argv: list[str] | None = None) -> int:
         camera = write_y4m(root / "camera.y4m", 60)  # 4 s at 15 fps, looped by Chromium; 28 MB of raw frames
         config = AppConfig(model=str(BUNDLED), models_dir=root / "models", runs_dir=root / "runs",
                            precision=args.precision, live=LiveSettings(stream_every=args.stream_every))  # fmt: skip
-        demo, url = launch(config, host="127.0.0.1", block=False)
+        launched = launch(config, host="127.0.0.1", block=False)
+        url = launched.url
         try:
             print(f"app at {url}; Chromium {executable}; stream_every {args.stream_every} s; "
                   f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
             log, first, cpu = stream(args, url, camera, executable)
         finally:
-            demo.close()
+            launched.close()
             timer.uninstall()
     results = analyse(log, timer.calls, (first, log["end"]), warmup_ms=2000)
     results["cpu_cores_used"] = cpu

@@ -1103,11 +1103,11 @@ def _launched_app(config: object) -> Iterator[tuple[object, str]]:
     patcher = pytest.MonkeyPatch()
     patcher.setenv("HF_HUB_OFFLINE", "1")  # hermetic: the model list must not depend on the network
     try:
-        demo, url = launch(config, host="127.0.0.1", block=False)  # type: ignore[arg-type]
+        launched = launch(config, host="127.0.0.1", block=False)  # type: ignore[arg-type]
         try:
-            yield demo, url
+            yield launched.demo, launched.url
         finally:
-            demo.close()
+            launched.close(grace=30)
     finally:
         patcher.undo()
 

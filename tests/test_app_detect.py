@@ -23,8 +23,15 @@ from app_support.model_choices import (
     UnknownModelError,
     resolve_default_model,
 )
+from app_support.owners import Identities
+from app_support.visitors import Visitors
 from ddetr.drawing import PALETTE, class_color, display_copy, draw_detections
 from ddetr.pipeline import MAX_CANDIDATES, inference_size
+
+
+def nobody(tmp_path: Path) -> Identities:
+    """Identities for a tab called directly: no visitor, so only the shared models are offered."""
+    return Identities(Visitors(tmp_path / "visitors"))
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +89,17 @@ def test_registry_lists_bundled_local_and_finetuned_models_but_not_escapes(tmp_p
     outside = link_model(tiny_model_dir, tmp_path / "outside")
     os.symlink(outside, models / "escape")  # a symlinked folder pointing out of the allow-list
     run_dir = link_model(tiny_model_dir, tmp_path / "runs" / "run-1" / "model")
-    registry = offline_registry(models, finetuned=lambda: [("run-1", run_dir)])
+    registry = offline_registry(models, finetuned=lambda owner: [("run-1", run_dir)] if owner == "owner-a" else [])
 
-    keys = [choice.key for choice in registry.choices()]
+    keys = [choice.key for choice in registry.choices("owner-a")]
     assert keys == ["bundled", "run:run-1", "dir:other"]
+    # A fine-tuned model is listed and found for its owner only.
+    assert [choice.key for choice in registry.choices("owner-b")] == ["bundled", "dir:other"]
+    assert [choice.key for choice in registry.choices()] == ["bundled", "dir:other"]
+    assert registry.get("run:run-1", "owner-a").source == str(run_dir)
+    for stranger in ("owner-b", None):
+        with pytest.raises(UnknownModelError):
+            registry.pick("run:run-1", stranger)
     assert registry.default().key == "bundled"
     assert registry.get("dir:other").source == str((models / "other").resolve())
     for bad in ("dir:escape", "dir:no-weights", "dir:../outside", str(outside), "hub:SenseTime/deformable-detr"):
@@ -222,7 +236,7 @@ def test_display_copy_downscales_large_images():
 def tab_and_loader(tmp_path: Path, tiny_model_dir: Path) -> tuple[DetectTab, CountingLoader]:
     loader = CountingLoader()
     registry = offline_registry(tmp_path / "models", cli_model=str(tiny_model_dir))
-    tab = DetectTab(registry, DetectorCache(loader=loader), DownloadFolder(tmp_path / "downloads"))
+    tab = DetectTab(registry, DetectorCache(loader=loader), DownloadFolder(tmp_path / "downloads"), nobody(tmp_path))
     return tab, loader
 
 
@@ -277,7 +291,7 @@ def test_model_selection_shows_classes_and_api_matches_pipeline(
 
 
 def test_no_model_is_a_message_not_a_crash(tmp_path: Path, image_path: Path):
-    tab = DetectTab(offline_registry(tmp_path), DetectorCache(), DownloadFolder(tmp_path / "d"))
+    tab = DetectTab(offline_registry(tmp_path), DetectorCache(), DownloadFolder(tmp_path / "d"), nobody(tmp_path))
     info, _ = tab.select_model(None)
     assert "No model loaded" in info and "--model" in info
     with pytest.raises(gr.Error, match="No detection model is available"):

@@ -1,7 +1,8 @@
-"""The Fine-tune tab's pieces, called directly: dataset choices, the one-job bridge, polling, the trained model."""
+"""The Fine-tune tab's pieces, called directly: dataset choices, owned jobs, polling, the trained model."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
@@ -21,10 +22,15 @@ import app_support.finetune_tab as finetune_tab_module
 import ddetr
 from app_support.dataset_sources import DatasetChoiceError, hub_choice, resolve_dataset, shapes_choice
 from app_support.downloads import DownloadFolder
-from app_support.finetune_tab import FinetuneTab, loss_frame, map_frame, metrics_rows
+from app_support.finetune_tab import FinetuneServices, FinetuneTab
+from app_support.finetune_view import loss_frame, map_frame, metrics_rows
+from app_support.jobs import JobBusyError, TrainingJobs
 from app_support.model_choices import ModelRegistry
+from app_support.owners import Identities
 from app_support.paths import AppPaths, PathNotAllowedError
-from app_support.training import APP_OVERRIDES, APP_TRAINING_DEFAULTS, JobBusyError, TrainingJobs
+from app_support.training import APP_OVERRIDES, APP_TRAINING_DEFAULTS, CheckpointPreviews
+from app_support.uploads import UploadStore
+from app_support.visitors import Visitors
 from ddetr.export import ExportError, export_onnx
 from finetune.config import TrainConfig
 
@@ -39,9 +45,9 @@ def form(**overrides) -> list:
     ]
 
 
-def start_args(*, epochs: int = 1, max_steps: int = 0, save_every: int = 2) -> list:
-    # base model, epochs, max steps, batch size, lr, image size, eval every, checkpoint every
-    return [*form(), "preset:tiny", epochs, max_steps, 4, 2e-4, 0, 1, save_every]
+def start_args(visitor: str | None, *, epochs: int = 1, max_steps: int = 0, save_every: int = 2) -> list:
+    # base model, epochs, max steps, batch size, lr, image size, eval every, checkpoint every, the browser's token
+    return [*form(), "preset:tiny", epochs, max_steps, 4, 2e-4, 0, 1, save_every, visitor]
 
 
 @pytest.fixture
@@ -49,13 +55,41 @@ def paths(tmp_path: Path) -> AppPaths:
     return AppPaths.from_root(tmp_path, work=tmp_path / "work")
 
 
-@pytest.fixture
-def tab(paths: AppPaths) -> FinetuneTab:
+def make_tab(paths: AppPaths) -> FinetuneTab:
     jobs = TrainingJobs(paths.runs)
     registry = ModelRegistry(paths.models, hub_reachable=lambda: False, finetuned=jobs.finished_models)
-    yield FinetuneTab(paths, jobs, registry, DownloadFolder(paths.scratch("models")))
-    jobs.stop()
-    jobs.wait(60)
+    services = FinetuneServices(
+        paths=paths,
+        jobs=jobs,
+        registry=registry,
+        downloads=DownloadFolder(paths.scratch("models")),
+        identities=Identities(Visitors(paths.labels), admin_token=ADMIN_TOKEN),
+        uploads=UploadStore(paths.scratch("uploads")),
+        previews=CheckpointPreviews(),
+    )
+    return FinetuneTab(services)
+
+
+ADMIN_TOKEN = "admin-secret-for-tests"
+
+
+@pytest.fixture
+def tab(paths: AppPaths) -> FinetuneTab:
+    tab = make_tab(paths)
+    yield tab
+    tab.jobs.shutdown(30)
+    tab.jobs.wait(60)
+
+
+@pytest.fixture
+def visitor(tab: FinetuneTab) -> str:
+    """A browser's token, as the page load issues it."""
+    token, _ = tab.identities.visitors.claim(None)
+    return token
+
+
+def own_snapshot(tab: FinetuneTab, visitor: str):
+    return tab.jobs.snapshot(tab.jobs.latest_job(tab.identities.owner(visitor)))
 
 
 def wait_for(predicate, timeout: float = 120.0, poll: float = 0.2) -> None:
@@ -104,68 +138,85 @@ def test_dataset_choices_are_bounded_and_never_leave_the_allow_list(paths: AppPa
         resolve_dataset(paths, "ftp")
 
 
-def test_check_dataset_previews_an_uploaded_coco_zip(tab: FinetuneTab, tmp_path: Path):
-    report, gallery = tab.check_dataset(*form(kind="upload", upload=str(coco_zip(tmp_path / "d.zip"))))
+def test_check_dataset_previews_an_uploaded_coco_zip(tab: FinetuneTab, tmp_path: Path, visitor: str):
+    archive = coco_zip(tmp_path / "d.zip")
+    report, gallery = tab.check_dataset(*form(kind="upload", upload=str(archive)), visitor)
     assert "1 classes (block)" in report
     assert "zero_or_negative_size" in report  # the degenerate box is reported, not trained on
     assert str(tmp_path) not in report  # server paths are not shown to visitors
     assert len(gallery) == 4 and all(isinstance(image, PIL.Image.Image) for image, _ in gallery)
     assert gallery[0][1] == "1 objects"
+    # Checking the same zip again (or starting on it) unpacks nothing more: one folder, the same bytes on disk.
+    uploads = tab.services.uploads.root
+    before = sorted(p for p in uploads.rglob("*"))
+    tab.check_dataset(*form(kind="upload", upload=str(archive)), visitor)
+    assert sorted(p for p in uploads.rglob("*")) == before and len(list(uploads.glob("*/*"))) == 1
 
 
-def test_check_dataset_reports_broken_zips(tab: FinetuneTab, tmp_path: Path):
+def test_check_dataset_reports_broken_zips(tab: FinetuneTab, tmp_path: Path, visitor: str):
     (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 nope")
     with pytest.raises(gr.Error, match="not a zip"):
-        tab.check_dataset(*form(kind="upload", upload=str(tmp_path / "bad.zip")))
+        tab.check_dataset(*form(kind="upload", upload=str(tmp_path / "bad.zip")), visitor)
     with pytest.raises(gr.Error, match="outside the allowed folder"):
-        tab.check_dataset(*form(kind="folder", folder="../../etc"))
+        tab.check_dataset(*form(kind="folder", folder="../../etc"), visitor)
+    assert list(tab.services.uploads.root.rglob("*.png")) == []  # a refused upload leaves nothing behind
 
 
 # -- the training job ------------------------------------------------------------------------------------------- #
 
 
-def test_one_job_stop_within_a_step_resume_and_use_in_detect(tab: FinetuneTab):
+def test_one_job_stop_within_a_step_resume_and_use_in_detect(tab: FinetuneTab, visitor: str):
     jobs = tab.jobs
-    run = tab.start(*start_args(epochs=4))  # 16 steps: enough to stop in the middle, quick to finish
-    with pytest.raises(gr.Error, match="already running"):
-        tab.start(*start_args())
+    started = tab.start(*start_args(visitor, epochs=4))  # 16 steps: enough to stop in the middle, quick to finish
+    run = started["run"]
+    assert started["place_in_line"] == 0 and len(started["token"]) >= 32
+    wait_for(lambda: own_snapshot(tab, visitor).state == "running")
+    # One more job of this owner may wait in line, not two.
+    waiting = tab.start(*start_args(visitor))
+    assert waiting["place_in_line"] == 1
+    with pytest.raises(gr.Error, match="already have a job waiting"):
+        tab.start(*start_args(visitor))
+    assert tab.stop(waiting["token"]).startswith(f"stopping run {waiting['run']}")  # leaves the line
     with pytest.raises(JobBusyError):
-        jobs.resume(run)
+        jobs.resume(run, tab.identities.owner(visitor), None)
 
-    wait_for(lambda: jobs.snapshot().step >= 2)
-    step_at_stop = jobs.snapshot().step
-    assert tab.stop().startswith("stopping")
+    wait_for(lambda: own_snapshot(tab, visitor).step >= 2 and own_snapshot(tab, visitor).run_name == run)
+    step_at_stop = own_snapshot(tab, visitor).step
+    assert tab.stop("", visitor).startswith(f"stopping run {run}")
     jobs.wait(60)
-    stopped = jobs.snapshot()
-    assert stopped.state == "stopped"
-    assert step_at_stop <= stopped.step <= step_at_stop + 1  # the step in flight finishes, no further one starts
-    assert jobs.resumable_runs() == [run]
-    assert tab.stop() == "no job is running"
+    wait_for(lambda: own_snapshot(tab, visitor).state == "stopped", timeout=10)
+    stopped = own_snapshot(tab, visitor)
+    assert step_at_stop <= stopped.step <= step_at_stop + 2  # the step in flight finishes, then a checkpoint
+    owner_key = tab.identities.owner_key(visitor)
+    assert jobs.resumable_runs(owner_key) == [run]
+    assert tab.stop("", visitor) == "you have no job running or waiting"
 
     # Polling: everything on a change, and only the status text when nothing changed since the last poll.
-    status, losses, maps, table, gallery, use, download, resumable, version = tab.refresh(None)
+    status, losses, maps, table, gallery, use, download, resumable, version = tab.refresh(None, visitor)
     assert "stopped" in status and f"step {stopped.step}" in status
     assert isinstance(losses, pd.DataFrame) and set(losses["series"]) >= {"loss", "loss_ce"}
     assert isinstance(maps, pd.DataFrame) and [row[0] for row in table] == sorted({row[0] for row in table})
     assert len(gallery) == 4  # the latest checkpoint's predictions on the validation images
     assert use["interactive"] is False and download["visible"] is False
     assert resumable["choices"] == [run]
-    again = tab.refresh(version)
+    again = tab.refresh(version, visitor)
     assert all(
         isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1 for value in again[1:8]
     )
 
-    assert tab.resume(run) == run
+    assert tab.resume(run, "", visitor) == f"run {run} resumed"
+    wait_for(lambda: own_snapshot(tab, visitor).state == "running", timeout=60)
     jobs.wait(120)
-    finished = jobs.snapshot()
-    assert finished.state == "finished" and finished.step == finished.total_steps
+    wait_for(lambda: own_snapshot(tab, visitor).state == "finished", timeout=10)
+    finished = own_snapshot(tab, visitor)
+    assert finished.step == finished.total_steps
     steps = [r["step"] for r in finished.records if r.get("type") == "train"]
-    assert steps[0] == stopped.step + 1  # continued from the checkpoint, not from scratch
-    assert jobs.resumable_runs() == []
+    assert steps[0] == 1 and steps == sorted(set(steps))  # one record per step, the resumed ones continuing
+    assert jobs.resumable_runs(owner_key) == []
 
-    *_, use, download, _, _ = tab.refresh(None)
+    *_, use, download, _, _ = tab.refresh(None, visitor)
     assert use["interactive"] is True and download["visible"] is True
-    detect_update, tabs_update = tab.use_in_detect()
+    detect_update, tabs_update = tab.use_in_detect(visitor)
     assert (
         detect_update["value"] == f"run:{run}"
         and (f"{run} (fine-tuned here)", f"run:{run}") in detect_update["choices"]
@@ -186,24 +237,25 @@ def test_one_job_stop_within_a_step_resume_and_use_in_detect(tab: FinetuneTab):
     assert reference.config.id2label == {int(k): v for k, v in detector.model.config.id2label.items()}
 
 
-def test_a_dataset_is_validated_once_per_start(tab: FinetuneTab, validations: list):
-    tab.check_dataset(*form())
+def test_a_dataset_is_validated_once_per_start_in_the_server(tab: FinetuneTab, visitor: str, validations: list):
+    # (The training child validates once more for itself, in its own process.)
+    tab.check_dataset(*form(), visitor)
     splits = len(validations)
     assert splits >= 2  # train and validation at least, once each
-    # Start after Check trains on the checked data: no further validation, in the form or in the run.
-    first = tab.start(*start_args(max_steps=1))
+    # Start after Check queues the checked data: no further validation in the server.
+    first = tab.start(*start_args(visitor, max_steps=1))["run"]
+    assert len(validations) == splits
     tab.jobs.wait(120)
-    assert tab.jobs.snapshot().state == "finished" and len(validations) == splits
-    # Start without Check (the checked data was for one Start): validated once, by the form, not again by the run.
-    second = tab.start(*start_args(max_steps=1))
+    # Start without Check (the checked data was for one Start): validated once.
+    second = tab.start(*start_args(visitor, max_steps=1))["run"]
+    assert second != first and len(validations) == 2 * splits
     tab.jobs.wait(120)
-    assert tab.jobs.snapshot().state == "finished" and second != first
-    assert len(validations) == 2 * splits
     # Checking another dataset first does not hand its data to a Start on this one.
-    tab.check_dataset(*form(shapes_train=17))
-    tab.start(*start_args(max_steps=1))
+    tab.check_dataset(*form(shapes_train=17), visitor)
+    tab.start(*start_args(visitor, max_steps=1))
+    assert len(validations) == 4 * splits
     tab.jobs.wait(120)
-    assert tab.jobs.snapshot().state == "finished" and len(validations) == 4 * splits
+    assert own_snapshot(tab, visitor).state == "finished"
 
 
 def test_the_form_starts_at_the_app_training_defaults(tab: FinetuneTab):
@@ -238,34 +290,43 @@ def test_the_form_starts_at_the_app_training_defaults(tab: FinetuneTab):
     assert APP_TRAINING_DEFAULTS.backbone_lr == APP_TRAINING_DEFAULTS.lr / 10
 
 
-def test_started_runs_take_the_form_settings_and_derive_the_backbone_lr(tab: FinetuneTab):
-    run = tab.start(*form(), "preset:tiny", 3, 1, 2, 1e-3, 128, 0, 7)
+def test_started_runs_take_the_form_settings_and_derive_the_backbone_lr(tab: FinetuneTab, visitor: str):
+    run = tab.start(*form(), "preset:tiny", 3, 1, 2, 1e-3, 128, 0, 7, visitor)["run"]
     tab.jobs.wait(120)
-    saved = json.loads((tab.paths.runs / run / "train_config.json").read_text())
+    owner_key = tab.identities.owner_key(visitor)
+    saved = json.loads((tab.paths.runs / owner_key / run / "train_config.json").read_text())
     expected = APP_TRAINING_DEFAULTS.with_overrides(
         dataset=saved["dataset"], model="tiny", output_dir=saved["output_dir"], epochs=3, max_steps=1,
         batch_size=2, lr=1e-3, image_size=128, eval_every=0, save_every=7, max_size=saved["max_size"],
+        threads=saved["threads"],
     )  # fmt: skip
     assert saved == expected.to_dict()
     assert saved["lr_backbone"] is None and saved["log_every"] == 1
     assert TrainConfig.from_dict(saved).backbone_lr == pytest.approx(1e-4)
 
 
-def test_use_in_detect_needs_a_finished_job(tab: FinetuneTab):
+async def _collect(stream) -> list:
+    return [update async for update in stream]
+
+
+def test_use_in_detect_needs_a_finished_job(tab: FinetuneTab, visitor: str):
     with pytest.raises(gr.Error, match="has not finished"):
-        tab.use_in_detect()
-    assert tab.status_json()["state"] == "idle"
-    assert [update["state"] for update in tab.stream()] == ["idle"]
+        tab.use_in_detect(visitor)
+    assert tab.status_json() == {
+        "busy": False, "state": "idle", "step": 0, "total_steps": 0, "eta_seconds": None, "waiting": 0
+    }  # fmt: skip
+    with pytest.raises(gr.Error, match="no job of yours"):
+        asyncio.run(_collect(tab.stream("", visitor)))
 
 
-def test_bad_settings_are_refused_before_anything_runs(tab: FinetuneTab):
+def test_bad_settings_are_refused_before_anything_runs(tab: FinetuneTab, visitor: str):
     with pytest.raises(gr.Error, match="batch_size"):
-        tab.start(*form(), "preset:tiny", 1, 0, 0, 2e-4, 0, 1, 2)
+        tab.start(*form(), "preset:tiny", 1, 0, 0, 2e-4, 0, 1, 2, visitor)
     with pytest.raises(gr.Error, match="not available"):
-        tab.start(*form(), "dir:../../etc", 1, 0, 4, 2e-4, 0, 1, 2)
-    with pytest.raises(gr.Error, match="cannot be resumed"):
-        tab.resume("../../etc")
-    assert tab.jobs.snapshot().state == "idle" and list(tab.paths.runs.iterdir()) == []
+        tab.start(*form(), "dir:../../etc", 1, 0, 4, 2e-4, 0, 1, 2, visitor)
+    with pytest.raises(gr.Error, match="not a run name"):
+        tab.resume("../../etc", "", visitor)
+    assert own_snapshot(tab, visitor).state == "idle" and list(tab.paths.runs.iterdir()) == []
 
 
 def test_metric_frames_have_fixed_types():
@@ -283,9 +344,9 @@ def test_metric_frames_have_fixed_types():
 # -- the ONNX download ------------------------------------------------------------------------------------------ #
 
 
-def test_download_onnx_needs_a_finished_job(tab: FinetuneTab):
+def test_download_onnx_needs_a_finished_job(tab: FinetuneTab, visitor: str):
     with pytest.raises(gr.Error, match="has not finished"):
-        tab.download_onnx()
+        tab.download_onnx(visitor)
     # The button follows the model download that the poll sets: enabled with a model, and an old ONNX zip hidden.
     button, onnx_file = tab.onnx_controls(None)
     assert button["interactive"] is False and onnx_file["visible"] is False and onnx_file["value"] is None
@@ -300,13 +361,14 @@ def test_download_onnx_needs_a_finished_job(tab: FinetuneTab):
 
 
 def test_download_onnx_exports_a_finished_run_once_and_matches_pytorch(
-    tab: FinetuneTab, monkeypatch: pytest.MonkeyPatch
+    tab: FinetuneTab, visitor: str, monkeypatch: pytest.MonkeyPatch
 ):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    run = tab.start(*start_args(max_steps=1))
+    run = tab.start(*start_args(visitor, max_steps=1))["run"]
     tab.jobs.wait(120)
-    snapshot = tab.jobs.snapshot()
+    wait_for(lambda: own_snapshot(tab, visitor).state == "finished", timeout=10)
+    snapshot = own_snapshot(tab, visitor)
     assert snapshot.state == "finished" and snapshot.model_dir is not None
 
     # A failed export is a message for the visitor, without server paths, and is not cached.
@@ -315,7 +377,7 @@ def test_download_onnx_exports_a_finished_run_once_and_matches_pytorch(
 
     monkeypatch.setattr(finetune_tab_module, "export_onnx", failing)
     with pytest.raises(gr.Error, match=f"run {run} could not be exported") as failed:
-        tab.download_onnx()
+        tab.download_onnx(visitor)
     assert str(tab.paths.runs) not in str(failed.value) and "runs/" in str(failed.value)
 
     def without_onnx(model, output, **settings):
@@ -323,7 +385,7 @@ def test_download_onnx_exports_a_finished_run_once_and_matches_pytorch(
 
     monkeypatch.setattr(finetune_tab_module, "export_onnx", without_onnx)
     with pytest.raises(gr.Error, match="needs the onnx package"):
-        tab.download_onnx()
+        tab.download_onnx(visitor)
 
     # Two clicks at once export once; a later click gets the same zip without exporting again.
     exports = []
@@ -339,7 +401,7 @@ def test_download_onnx_exports_a_finished_run_once_and_matches_pytorch(
     def click(index: int) -> None:
         together.wait()
         try:
-            results[index] = tab.download_onnx()
+            results[index] = tab.download_onnx(visitor)
         except Exception as error:  # reported by the assertion below
             results[index] = error
 
@@ -350,7 +412,7 @@ def test_download_onnx_exports_a_finished_run_once_and_matches_pytorch(
         thread.join(120)
     assert all(isinstance(result, dict) and result["visible"] is True for result in results), results
     assert results[0]["value"] == results[1]["value"] and len(exports) == 1
-    assert tab.download_onnx()["value"] == results[0]["value"] and len(exports) == 1
+    assert tab.download_onnx(visitor)["value"] == results[0]["value"] and len(exports) == 1
 
     zipped = Path(results[0]["value"])
     assert zipped.name == f"{run}-onnx.zip"
@@ -379,14 +441,16 @@ def test_download_onnx_exports_a_finished_run_once_and_matches_pytorch(
 
 
 @pytest.mark.parametrize("layout", ["coco-roboflow", "yolo-roboflow", "voc", "label-studio", "cvat"])
-def test_uploaded_zips_in_every_layout_are_checked(tab: FinetuneTab, tmp_path: Path, detection_spec, layout: str):
+def test_uploaded_zips_in_every_layout_are_checked(
+    tab: FinetuneTab, tmp_path: Path, visitor: str, detection_spec, layout: str
+):
     folder = detection_spec.write(layout, tmp_path / "layout" / "dataset")
     archive = tmp_path / f"{layout}.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
         for file in sorted(folder.rglob("*")):
             if file.is_file():
                 bundle.write(file, f"dataset/{file.relative_to(folder).as_posix()}")
-    report, gallery = tab.check_dataset(*form(kind="upload", upload=str(archive)))
+    report, gallery = tab.check_dataset(*form(kind="upload", upload=str(archive)), visitor)
     assert f"{len(detection_spec.classes)} classes" in report
     assert gallery
 

@@ -11,10 +11,12 @@ import pytest
 
 from app_support.detector_cache import DetectorCache
 from app_support.downloads import DownloadFolder
+from app_support.jobs import TrainingJobs
 from app_support.label_store import LabelStore, dataset_folder
 from app_support.label_tab import CURRENT_RUN, LabelTab
 from app_support.model_choices import ModelRegistry
-from app_support.training import TrainingJobs
+from app_support.owners import Identities
+from app_support.training import CheckpointPreviews, training_config
 from app_support.visitors import Visitors
 from finetune.data.prepare import DataSettings, prepare
 
@@ -95,11 +97,14 @@ def test_label_assist_from_the_runs_latest_checkpoint(tmp_path: Path, tiny_model
     jobs = TrainingJobs(tmp_path / "runs")
     registry = ModelRegistry(tmp_path / "models", cli_model=str(tiny_model_dir), hub_reachable=lambda: False)
     visitors = Visitors(tmp_path / "visitors")
+    identities = Identities(visitors)
     tab = LabelTab(
         visitors,
         registry,
         DetectorCache(),
         jobs=jobs,
+        previews=CheckpointPreviews(),
+        identities=identities,
         work=tmp_path / "work",
         downloads=DownloadFolder(tmp_path / "downloads"),
     )
@@ -107,18 +112,26 @@ def test_label_assist_from_the_runs_latest_checkpoint(tmp_path: Path, tiny_model
     store = tab.store(token)
     store.add_images([SHAPES / "shapes_0.jpg"])
     store.set_classes(["circle", "square", "triangle", "star", "cross", "ring"])
-    with pytest.raises(gr.Error, match="no checkpoint yet"):
+    with pytest.raises(gr.Error, match="no fine-tuning run with a checkpoint"):
         tab.assist(token, 0, CURRENT_RUN, 0.0)
 
-    settings = {"epochs": 1, "max_steps": 2, "batch_size": 4, "lr": 2e-4, "image_size": None, "eval_every": 1}
-    jobs.start(
-        dataset_source="shapes:train=8,validation=4,test=0,size=128",
-        description="tiny shapes",
-        base_model="tiny",
-        settings={**settings, "save_every": 1},
-    )
+    owner = identities.owner(token)
+    assert owner is not None
+    config = training_config(
+        dataset="shapes:train=8,validation=4,test=0,size=128",
+        model="tiny",
+        output_dir=jobs.new_run_dir(owner),
+        epochs=1, max_steps=2, batch_size=4, eval_every=1, save_every=1,
+    )  # fmt: skip
+    job, _ = jobs.submit(owner, config, description="tiny shapes")
     jobs.wait(300)
-    assert jobs.snapshot().state == "finished"
+    assert jobs.snapshot(job).state == "finished"
+    # Another visitor has no run: the current run is the visitor's own, not the server's.
+    other, _ = visitors.claim(None)
+    tab.store(other).add_images([SHAPES / "shapes_0.jpg"])
+    tab.store(other).set_classes(["circle"])
+    with pytest.raises(gr.Error, match="no fine-tuning run"):
+        tab.assist(other, 0, CURRENT_RUN, 0.0)
     # The untrained run's scores are low: threshold 0 keeps its 100 best boxes, all of shape classes.
     tab.assist(token, 0, CURRENT_RUN, 0.0)
     assisted = LabelStore(folder).images[0]
@@ -136,6 +149,8 @@ def test_push_sends_only_the_visitors_own_dataset(tmp_path: Path, hub_standin):
         ModelRegistry(tmp_path / "models", hub_reachable=lambda: False),
         DetectorCache(),
         jobs=TrainingJobs(tmp_path / "runs"),
+        previews=CheckpointPreviews(),
+        identities=Identities(visitors),
         work=tmp_path / "work",
         downloads=DownloadFolder(tmp_path / "downloads"),
     )

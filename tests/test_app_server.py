@@ -91,7 +91,7 @@ def test_queue_is_bounded(server):
 
 
 def test_short_finetune_streams_metrics_and_stops_on_request(client: Client):
-    run = client.predict(
+    started = client.predict(
         kind="shapes",
         shapes_train=16,
         shapes_validation=4,
@@ -105,20 +105,24 @@ def test_short_finetune_streams_metrics_and_stops_on_request(client: Client):
         save_every=5,
         api_name="/finetune_start",
     )
-    job = client.submit(api_name="/finetune_stream")
+    assert set(started) == {"run", "token", "state", "place_in_line"} and len(started["token"]) >= 32
+    job = client.submit(started["token"], api_name="/finetune_stream")
     seen_steps, states, stop_requested_at = [], [], None
+    last = None
     for update in job:
-        assert update["run"] == run
+        assert update["run"] == started["run"]
         states.append(update["state"])
         seen_steps.append(update["step"])
+        last = update
         # A detection request while training runs is still answered.
         if stop_requested_at is None and update["step"] >= 2:
             assert client.predict(handle_file(str(EXAMPLE)), 0.5, api_name="/detect")
-            assert client.predict(api_name="/finetune_stop").startswith("stopping")
+            assert client.predict(started["token"], api_name="/finetune_stop").startswith("stopping")
             stop_requested_at = update["step"]
-    final = client.predict(api_name="/finetune_status")
+    summary = client.predict(api_name="/finetune_status")
+    assert summary["busy"] is False and "records" not in summary and "run" not in summary
     assert len(set(seen_steps)) >= 2 and seen_steps == sorted(seen_steps)  # metrics arrived while it trained
-    assert states[-1] == final["state"] == "stopped"
-    assert stop_requested_at is not None and final["step"] < 400
-    losses = [r["loss"] for r in final["records"] if r["type"] == "train"]
+    assert last is not None and states[-1] == "stopped"
+    assert stop_requested_at is not None and last["step"] < 400
+    losses = [r["loss"] for r in last["records"] if r["type"] == "train"]
     assert losses and all(isinstance(loss, float) for loss in losses)

@@ -19,8 +19,10 @@ from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.live_tab import LiveSettings, LiveTab
 from app_support.model_choices import ModelRegistry
+from app_support.owners import Identities
 from app_support.paths import REPO_ROOT
 from app_support.video_tab import VideoSettings, VideoTab
+from app_support.visitors import Visitors
 from ddetr.boxes import box_iou
 
 av = pytest.importorskip("av")
@@ -58,11 +60,16 @@ def handlers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     root = tmp_path_factory.mktemp("handlers")
     registry = ModelRegistry(root / "models", cli_model=str(BUNDLED))
     detectors = DetectorCache(loader=functools.partial(load_detector, precision="fp32"))
+    identities = Identities(Visitors(root / "visitors"))
     yield {
-        "live": LiveTab(registry, detectors, LiveSettings()),
-        "video": VideoTab(registry, detectors, DownloadFolder(root / "videos"), VideoSettings()),
+        "live": LiveTab(registry, detectors, LiveSettings(), identities),
+        "video": VideoTab(registry, detectors, DownloadFolder(root / "videos"), VideoSettings(), identities),
     }
     patcher.undo()
+
+
+def no_bar(*args: Any, **kwargs: Any) -> None:
+    """Stands in for gr.Progress outside a running app."""
 
 
 def decoded_frames(path: str | Path) -> list[Any]:
@@ -134,22 +141,22 @@ def test_a_video_over_the_limits_is_refused_naming_the_limit(tmp_path: Path, mov
 def test_live_frames_follow_the_threshold_and_keep_track_ids(handlers: dict[str, Any], moving_shapes_clip: Any):
     live = handlers["live"]
     frames = decoded_frames(moving_shapes_clip.path)
-    assert live.stream_frame(None, None, 0, 0.5, 100, [], None)[1].startswith("Waiting")
+    assert live.stream_frame(None, None, 0, 0.5, 100, [], None, None)[1].startswith("Waiting")
     session = None
     for frame in frames[:8]:
-        image, stats, session = live.stream_frame(frame, None, 0, 0.3, 100, [], session)
+        image, stats, session = live.stream_frame(frame, None, 0, 0.3, 100, [], None, session)
         assert image.size == (moving_shapes_clip.width, moving_shapes_clip.height)
         assert "fps" in stats and "model" in stats
     assert session is not None and session.frames == 8 and session.fps() > 0
     assert sum(session.tracker.seen().values()) >= 2  # at least two shapes tracked over the frames
-    _, stats, session = live.stream_frame(frames[8], None, 0, 0.99, 100, [], session)
+    _, stats, session = live.stream_frame(frames[8], None, 0, 0.99, 100, [], None, session)
     assert " 0 boxes" in stats
     # The class filter applies too.
-    image, stats, session = live.stream_frame(frames[9], None, 0, 0.3, 100, ["star"], session)
+    image, stats, session = live.stream_frame(frames[9], None, 0, 0.3, 100, ["star"], None, session)
     assert " 0 boxes" in stats
     # Big camera frames are scaled down before detection.
     big = np.repeat(np.repeat(frames[0], 4, axis=0), 4, axis=1)
-    image, _, _ = live.stream_frame(big, None, 0, 0.3, 100, [], None)
+    image, _, _ = live.stream_frame(big, None, 0, 0.3, 100, [], None, None)
     assert max(image.size) == live.settings.max_side
 
 
@@ -158,7 +165,9 @@ def test_video_mode_reports_progress_and_cancel_keeps_what_is_done(handlers: dic
     request = gr.Request(session_hash="visitor-a")
     assert video.cancel(request) == "No video is being processed."
     updates = []
-    for update in video.process(str(moving_shapes_clip.path), None, 0, 0.3, 100, [], 1, request, lambda *a, **k: None):
+    for update in video.process(
+        str(moving_shapes_clip.path), None, 0, 0.3, 100, [], None, 1, request, progress_bar=no_bar
+    ):
         updates.append(update)
         if len(updates) == 1:  # "Reading the video…": Cancel as the first frames are processed
             assert video.cancel(request).startswith("Cancelling")
@@ -177,7 +186,9 @@ def test_a_refused_upload_leaves_no_files(handlers: dict[str, Any], tmp_path: Pa
     text.write_text("nope")
     before = {p for p in video.outputs.folder.rglob("*") if p.is_file()}
     with pytest.raises(gr.Error) as caught:
-        list(video.process(str(text), None, 0, 0.5, 100, [], 1, gr.Request(session_hash="b"), lambda *a, **k: None))
+        list(
+            video.process(str(text), None, 0, 0.5, 100, [], None, 1, gr.Request(session_hash="b"), progress_bar=no_bar)
+        )
     assert "fake.webm" in str(caught.value)
     assert {p for p in video.outputs.folder.rglob("*") if p.is_file()} == before
 

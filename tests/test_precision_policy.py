@@ -17,6 +17,8 @@ from app_support.detect_tab import DetectTab
 from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.model_choices import ModelRegistry
+from app_support.owners import Identities
+from app_support.visitors import Visitors
 from ddetr.model.deformable_attention import MultiscaleDeformableAttention
 from ddetr.model.feed_forward import feed_forward
 from ddetr.ops.linear import Linear, fusable
@@ -92,7 +94,7 @@ def test_the_detect_tab_runs_at_the_apps_precision(
         monkeypatch.setattr(precision_module, "native_bf16", lambda device: True)
     registry = ModelRegistry(tmp_path / "models", cli_model=str(tiny_model_dir), hub_reachable=lambda: False)
     cache = DetectorCache(loader=lambda source: load_detector(source, precision=precision))
-    tab = DetectTab(registry, cache, DownloadFolder(tmp_path / "downloads"))
+    tab = DetectTab(registry, cache, DownloadFolder(tmp_path / "downloads"), Identities(Visitors(tmp_path / "v")))
     detector = cache.get(registry.get("cli"))
     with dtypes_seen(detector.model) as seen:
         *_, summary, view = tab.detect(str(shapes_image), "cli", 0, 0.3, 100, [])
