@@ -259,7 +259,9 @@ class DetectTab:
 
         # The public API: hidden components, so API calls neither need nor disturb the visible page.
         with gr.Row(visible=False):
-            api_image = gr.Image(type="filepath", image_mode=None, label="image")
+            # A file, not gr.Image: Gradio's image component would decode the upload itself and answer a file it
+            # cannot open with a bare error; ddetr's loader refuses it with a message naming the problem.
+            api_image = gr.File(label="image", type="filepath")
             api_threshold = gr.Number(DEFAULT_THRESHOLD, label="threshold", minimum=0.0, maximum=1.0)
             api_max = gr.Number(DEFAULT_MAX_DETECTIONS, label="max_detections", precision=0, minimum=1, maximum=300)
             api_model = gr.Textbox("", label="model")

@@ -127,5 +127,5 @@ def test_start_and_stop_a_tiny_finetune(page, screenshots: Path):
     assert 2 <= stopped_at < 200 * 4
     # The stopped run is offered for resuming: a checkpoint was left behind.
     page.locator("#finetune-status").scroll_into_view_if_needed()
-    page.wait_for_function("() => document.body.innerText.includes('Stopped runs')")
+    page.wait_for_function("() => document.body.innerText.includes('Your stopped runs')")
     page.screenshot(path=str(screenshots / "04-finetune-stopped.png"), full_page=True)

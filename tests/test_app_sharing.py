@@ -6,16 +6,22 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 
 from app import AppConfig
 from app_support.paths import REPO_ROOT
+from finetune.run.checkpoints import latest_checkpoint
+from finetune.run.files import read_status
+from finetune.run.metrics_log import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*", "ignore:The copy keyword is deprecated.*")
 
@@ -209,3 +215,54 @@ def test_a_killed_training_child_fails_the_job_not_the_server_and_resume_finishe
     assert a.predict(run, token, api_name="/finetune_resume") == f"run {run} resumed"
     finished = stream_until(a, token, lambda update: update["state"] in ("finished", "failed"))
     assert finished["state"] == "finished" and finished["step"] == finished["total_steps"] == 12
+
+
+def test_sigterm_checkpoints_the_running_job_and_removes_the_work_folders(
+    tmp_path: Path, tiny_model_dir: Path, free_tcp_port: int
+):
+    runs, scratch = tmp_path / "runs", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch)}
+    command = [
+        sys.executable, "app.py", "--model", str(tiny_model_dir), "--models-dir", str(tmp_path / "models"),
+        "--runs-dir", str(runs), "--labels-dir", str(tmp_path / "labels"), "--host", "127.0.0.1",
+        "--port", str(free_tcp_port),
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{free_tcp_port}/"
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _answers(url), timeout=120)
+        assert list(scratch.glob("ddetr-app-*")), "the server's work folder"
+        client = Client(url, verbose=False)
+        started = start(client, epochs=100, save_every=1000)  # no periodic checkpoint to fall back on
+        reached = stream_until(client, started["token"], lambda update: update["step"] >= 3)["step"]
+        client.close()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(30)
+    (run_dir,) = runs.glob(f"*/{started['run']}")
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "train"]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None and checkpoint.step == steps[-1] >= reached
+    assert (read_status(run_dir) or {}).get("state") == "stopped"
+    assert not list(scratch.glob("ddetr-app-*"))  # uploads, downloads and exports went with the server
+    # The training child went with the server (it runs with the run folder on its command line).
+    assert not [status for status in Path("/proc").glob("[0-9]*/cmdline") if str(run_dir).encode() in _read(status)]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended while we looked
+        return b""
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,94 @@
+"""Two visitors in two browser contexts (separate storage, as two strangers' browsers): each controls only their own
+training job, the other sees the public summary, and a reload keeps control."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app import AppConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*", "ignore:The copy keyword is deprecated.*")
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, launched_app) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("sharing-browser")
+    config = AppConfig(model=str(tiny_model_dir), models_dir=root / "models", runs_dir=root / "runs")
+    with launched_app(config) as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_executable: str) -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: CI containers run as root, where Chromium's sandbox cannot start.
+        browser = playwright.chromium.launch(executable_path=chromium_executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def visitor_page(browser, url: str):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#model-info :text('classes')")  # loaded, the visitor's token issued
+    page.get_by_role("tab", name="Fine-tune").click()
+    return context, page
+
+
+def choose(page, dropdown_id: str, option: str) -> None:
+    page.locator(f"#{dropdown_id} input").click()
+    page.get_by_role("option", name=option).first.click()
+
+
+def status(page) -> str:
+    return page.locator("#finetune-status-text").inner_text()
+
+
+def test_two_visitors_each_control_only_their_own_job(browser, app_url: str):
+    context_a, a = visitor_page(browser, app_url)
+    context_b, b = visitor_page(browser, app_url)
+    try:
+        for slider, value in (("shapes-train", "16"), ("shapes-validation", "4")):
+            a.locator(f"#{slider} input[type=number]").fill(value)
+            a.keyboard.press("Enter")
+        choose(a, "shapes-size", "128")
+        choose(a, "base-model", "tiny preset")
+        a.locator("#epochs input").fill("200")  # far more than it will run: Stop must end it
+        a.locator("#finetune-start").click()
+        a.wait_for_function(
+            "() => { const s = document.querySelector('#finetune-status-text');"
+            " return s && s.innerText.includes('your run') && /step [2-9]/.test(s.innerText); }"
+        )
+        run = re.search(r"your run (\S+)", status(a)).group(1)
+
+        # B sees that someone trains, not whose run, and B's Stop does not touch it.
+        b.wait_for_selector('#finetune-status-text:has-text("another visitor\'s job")')
+        b.locator("#finetune-stop").click()
+        b.wait_for_function(
+            "() => document.querySelector('#finetune-notice textarea').value.includes('no job running')"
+        )
+        assert run not in b.locator("body").inner_text()
+        a.wait_for_timeout(2500)  # two polls
+        assert "running" in status(a)
+
+        # A reloads: the page finds A's job and A's Stop stops it.
+        a.reload()
+        a.get_by_role("tab", name="Fine-tune").click()
+        a.wait_for_selector(f"#finetune-status-text:has-text('your run {run}')")
+        a.locator("#finetune-stop").click()
+        a.wait_for_selector("#finetune-status-text:has-text('stopped')")
+        b.wait_for_selector("#finetune-status-text:has-text('No training job is running')")
+        assert run not in b.locator("body").inner_text()  # nor is it among B's stopped runs
+    finally:
+        context_a.close()
+        context_b.close()
