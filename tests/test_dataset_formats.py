@@ -571,45 +571,55 @@ def _escape_dataset(kind: str, root: Path, reference: str) -> Path:
 
 @pytest.mark.parametrize("kind", ["coco", "yolo", "voc", "label-studio", "cvat"])
 @pytest.mark.parametrize("spelling", ["relative", "absolute"])
-def test_paths_leaving_the_dataset_are_refused_without_touching_them(
+def test_paths_leaving_the_dataset_refuse_it_without_touching_them(
     kind: str, spelling: str, tmp_path: Path, touched: list[str]
 ) -> None:
+    """An outside reference is an attack or a mistake, not a missing image: the whole dataset is refused (strict or
+    not), with the same message whether or not the file exists, and nothing outside is opened or stat-ed."""
     secret = _write_png(tmp_path / "outside" / "secret.png")
     reference = "../outside/secret.png" if spelling == "relative" else str(secret)
     if kind == "coco" and spelling == "relative":
         reference = "../../outside/secret.png"  # from images/, one of the folders COCO images are looked for in
     folder = _escape_dataset(kind, tmp_path, reference)
     touched.clear()
-    try:
-        data = prepare_data(str(folder), validation_fraction=0.0)
-    except ValueError as error:
-        pytest.fail(f"{kind} refused the dataset instead of counting the path: {error}")
-    report = _report(data)
-    assert report.counts["missing_image"] == 1
-    message = report.examples["missing_image"][0]
-    assert "leads outside the dataset folder" in message and reference in message
+    with pytest.raises(ValueError, match="leads outside the dataset folder") as refused:
+        prepare_data(str(folder), validation_fraction=0.0)
+    message = str(refused.value)
+    assert repr(reference) in message and "--allow-outside-files" in message
     assert not _inside(touched, tmp_path / "outside")
+    with pytest.raises(ValueError) as again:
+        open_dataset(folder)
+    assert str(again.value) == message
 
     # The message does not tell whether the outside file exists.
     secret.unlink()
-    again = _report(prepare_data(str(folder), validation_fraction=0.0))
-    assert again.examples["missing_image"][0] == message
+    with pytest.raises(ValueError) as missing:
+        prepare_data(str(folder), validation_fraction=0.0)
+    assert str(missing.value) == message
+    assert not _inside(touched, tmp_path / "outside")
 
 
-def test_symlinks_leading_outside_are_refused(tmp_path: Path, touched: list[str]) -> None:
+@pytest.mark.parametrize("link", ["absolute image link", "relative image link", "label link"])
+def test_symlinks_leading_outside_refuse_the_dataset(link: str, tmp_path: Path, touched: list[str]) -> None:
     secret = _write_png(tmp_path / "outside" / "secret.png")
     folder = _yolo_folder(tmp_path / "y", {"a.txt": "0 0.5 0.5 0.2 0.2\n"})
-    (folder / "images" / "train" / "link.png").symlink_to(secret)
-    (folder / "images" / "train" / "inner.png").symlink_to(folder / "images" / "train" / "a.png")
-    (folder / "images" / "train" / "relative.png").symlink_to(Path("..") / ".." / ".." / "outside" / "secret.png")
-    (folder / "labels" / "train" / "inner.txt").symlink_to(tmp_path / "outside" / "labels.txt")
+    images, labels = folder / "images" / "train", folder / "labels" / "train"
+    (images / "inner.png").symlink_to(images / "a.png")  # a link that stays inside is followed
+    assert len(prepare_data(str(folder), validation_fraction=0.0).split("train")) >= 1
+    name, target = {
+        "absolute image link": (images / "link.png", secret),
+        "relative image link": (images / "relative.png", Path("..") / ".." / ".." / "outside" / "secret.png"),
+        # the label file of an inside image, leading to a file outside that does not exist
+        "label link": (labels / "inner.txt", tmp_path / "outside" / "labels.txt"),
+    }[link]
+    name.symlink_to(target)
     touched.clear()
-    report = _report(prepare_data(str(folder), validation_fraction=0.0))
-    refusals = [example for example in report.examples["missing_image"]]
-    assert report.counts["missing_image"] == 3 and report.images_kept == 1
-    assert any("link.png" in text and "leads outside the dataset folder" in text for text in refusals)
-    assert any("relative.png" in text for text in refusals)
-    assert any("inner.txt" in text for text in refusals)  # the label of an inside image leads out
+    for strict in (False, True):
+        with pytest.raises(ValueError, match="leads outside the dataset folder") as refused:
+            prepare_data(str(folder), validation_fraction=0.0, strict=strict)
+        message = str(refused.value)
+        assert name.relative_to(folder).as_posix() in message and "--allow-outside-files" in message
+        assert str(tmp_path / "outside") not in message
     assert not _inside(touched, tmp_path / "outside")
 
 

@@ -4,8 +4,10 @@ Each test writes a small crafted dataset under ``tmp_path/dataset`` naming a sec
 image cells of Hugging Face data (``save_to_disk`` Arrow files, parquet and arrow data files, the Hub) holding
 ``{"bytes": None, "path": ...}``, ``state.json`` / ``dataset_dict.json`` naming files outside, symlinks among data
 files, image-folder metadata, and every importer's image reference. Refused: ValueError naming
-``--allow-outside-files``, the same message whether or not the secret exists, and the secret never opened (every
-``open`` audit event is recorded while a test runs). Allowed: the same dataset loads and the secret is read.
+``--allow-outside-files`` (the whole dataset, strict or not: an outside reference is an attack or a mistake, not a
+missing image), the same message whether or not the secret exists, and the secret never opened (every ``open``
+audit event is recorded while a test runs); the command lines exit non-zero naming the option. Allowed: the same
+dataset loads and the secret is read.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from finetune import cli as train_cli
 from finetune import export_coco as export_cli
 from finetune.api import prepare_dataset
 from finetune.config import TrainConfig
+from finetune.data.export_coco import export_coco
 from finetune.data.prepare import PreparedData, prepare_data
 from finetune.data.sources import open_dataset
 from finetune.evaluate import cli as evaluate_cli
@@ -385,9 +388,11 @@ def test_hub_dataset_images_must_lie_in_the_datasets_cache(
 
 
 # -- the importers ------------------------------------------------------------------------------------------------- #
-# tests/test_dataset_formats.py checks that these refusals are counted as missing images without touching the file
-# and without telling whether it exists; here: the message names the option, --strict refuses the dataset with it,
-# and the option reads the file.
+# tests/test_dataset_formats.py checks that these refusals touch (stat, list, open) nothing outside; here: the whole
+# dataset is refused by every way of opening it, strict or not, with a message naming the option, and the option
+# reads the file.
+
+IMPORTERS = ["coco", "yolo", "voc", "label-studio", "cvat"]
 
 
 def _importer_dataset(kind: str, folder: Path, reference: str) -> None:
@@ -424,29 +429,73 @@ def _importer_dataset(kind: str, folder: Path, reference: str) -> None:
         )
 
 
-@pytest.mark.parametrize("kind", ["coco", "yolo", "voc", "label-studio", "cvat"])
+def _importer_reference(kind: str, spelling: str, secret: Path) -> str:
+    if spelling == "absolute":
+        return str(secret)
+    # COCO also looks in images/, from where one more ../ is needed to reach the same file.
+    return "../../outside/secret.png" if kind == "coco" else "../outside/secret.png"
+
+
+@pytest.mark.parametrize("kind", IMPORTERS)
 @pytest.mark.parametrize("spelling", ["absolute", "relative"])
-def test_importer_references_outside_name_the_option_and_load_with_it(
+def test_importer_references_outside_refuse_the_dataset_and_load_with_the_option(
     kind: str, spelling: str, tmp_path: Path, opened: list[str]
 ) -> None:
     secret = _png(tmp_path / "outside" / "secret.png", SECRET_COLOUR)
-    # COCO also looks in images/, from where one more ../ is needed to reach the same file.
-    relative = "../../outside/secret.png" if kind == "coco" else "../outside/secret.png"
+    reference = _importer_reference(kind, spelling, secret)
     folder = tmp_path / "dataset"
-    _importer_dataset(kind, folder, str(secret) if spelling == "absolute" else relative)
+    _importer_dataset(kind, folder, reference)
+    output = tmp_path / "export.zip"
     opened.clear()
-    report = prepare_data(str(folder), validation_fraction=0.0).reports[0]
-    assert report.images_kept == 0 and report.counts["missing_image"] == 1
-    assert OPTION in report.examples["missing_image"][0]
-    message = _refusal(lambda: prepare_data(str(folder), strict=True))
+    message = _refusal(lambda: open_dataset(folder))
+    assert repr(reference) in message and str(folder) in message
+    for strict in (False, True):
+        assert _refusal(lambda strict=strict: prepare_data(str(folder), strict=strict)) == message
+        assert _refusal(lambda strict=strict: export_coco(folder, output, strict=strict)) == message
+    assert not output.exists()
     assert not _within(opened, secret.parent)
+
+    # Nothing in the message depends on whether the outside file exists.
     secret.unlink()
-    assert _refusal(lambda: prepare_data(str(folder), strict=True)) == message
+    assert _refusal(lambda: open_dataset(folder)) == message
+    assert _refusal(lambda: prepare_data(str(folder))) == message
+    assert not _within(opened, secret.parent)
 
     _png(secret, SECRET_COLOUR)
     data = prepare_data(str(folder), validation_fraction=0.0, allow_outside_files=True)
     assert len(data.split("train")) == 1 and data.reports[0].counts["missing_image"] == 0
     np.testing.assert_array_equal(_read_all(data)[0], _pixels(_png_bytes(SECRET_COLOUR)))
+    assert _within(opened, secret.parent)
+
+
+@pytest.mark.parametrize("kind", IMPORTERS)
+def test_importer_references_outside_are_refused_by_the_commands(
+    kind: str, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], opened: list[str]
+) -> None:
+    secret = _png(tmp_path / "outside" / "secret.png", SECRET_COLOUR)
+    folder = tmp_path / "dataset"
+    _importer_dataset(kind, folder, _importer_reference(kind, "relative", secret))
+    output = tmp_path / "out.zip"
+    training = ["--dataset", str(folder), "--model", "tiny", "--max-steps", "1", "--batch-size", "1",
+                "--image-size", "32", "--validation-fraction", "0", "--no-progress", "--threads", "1",
+                "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    # 64: with one image, 32 px would leave a 1x1 feature map, which GroupNorm refuses for a batch of one
+    evaluation = ["--model", str(tiny_model_dir), "--dataset", str(folder), "--image-size", "64", "--device", "cpu"]
+    export = ["--dataset", str(folder), "--output", str(output)]
+    opened.clear()
+    for main, arguments in ((train_cli.main, training), (evaluate_cli.main, evaluation), (export_cli.main, export)):
+        assert main(arguments) != 0
+        error = capsys.readouterr().err
+        assert OPTION in error and "leads outside the dataset folder" in error, error
+    assert not (tmp_path / "run" / "model").exists() and not output.exists()
+    assert not _within(opened, secret.parent)
+
+    # With the option the outside image is read (training with it: the HF case above covers it).
+    assert evaluate_cli.main([*evaluation, OPTION]) == 0
+    assert "map" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert export_cli.main([*export, OPTION]) == 0
+    with zipfile.ZipFile(output) as archive:
+        assert sum(name.endswith(".png") for name in archive.namelist()) == 1
     assert _within(opened, secret.parent)
 
 

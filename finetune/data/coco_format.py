@@ -21,7 +21,7 @@ from typing import Any
 
 from finetune.data.categories import CategoryMap
 from finetune.data.formats.common import SPLIT_ALIASES
-from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
+from finetune.data.formats.paths import OutsidePathError, UnsafePathError, files_under, resolve_inside
 from finetune.data.records import ImageRef, RawObject, RawRecord
 
 ROBOFLOW_NAME = "_annotations.coco.json"
@@ -108,7 +108,9 @@ def find_coco_files(directory: Path) -> dict[str, Path]:
 
 
 class CocoRecordSource:
-    """One COCO annotation file as raw records; ``image_bytes`` returns the image path."""
+    """One COCO annotation file as raw records; ``image_bytes`` returns the image path. An image ``file_name`` that
+    leads outside the dataset folder (from every folder images are looked for in) refuses the whole file with
+    OutsidePathError when it is opened, before any image is looked at, unless ``allow_outside_files``."""
 
     def __init__(
         self,
@@ -134,6 +136,8 @@ class CocoRecordSource:
         self._images: list[Any] = data["images"]
         self._annotations: list[Any] = data.get("annotations", [])
         self._roots = self._image_roots(image_root)
+        if not allow_outside_files:
+            self._check_file_names()
         # Descriptions of annotations whose image_id names no image; validation counts them.
         self.orphan_annotations: list[str] = []
 
@@ -146,23 +150,48 @@ class CocoRecordSource:
         top = os.path.abspath(self.dataset_root)
         return [root for root in dict.fromkeys(roots) if os.path.commonpath([os.path.abspath(root), top]) == top]
 
-    def _resolve(self, file_name: str) -> tuple[str | None, str | None]:
-        """The image's path inside one of the roots, or (None, why) for names that would leave the dataset folder,
-        such as ``../../etc/passwd`` or an absolute path elsewhere: annotation files are user input, and such a
-        name is refused without looking at what it names."""
+    def _where(self, position: int) -> str:
+        return f"{self.annotation_file.name} images[{position}]"
+
+    def _check_file_names(self) -> None:
+        """OutsidePathError for the first image whose file_name leads outside the dataset folder from every root:
+        judged as text and by looking only inside the dataset folder, so the same whether or not the file exists."""
+        for position, entry in enumerate(self._images):
+            file_name = entry.get("file_name") if isinstance(entry, dict) else None
+            if not isinstance(file_name, str) or not file_name:
+                continue
+            refusal: OutsidePathError | None = None
+            for root in self._roots:
+                try:
+                    resolve_inside(self.dataset_root, file_name, base=root, where=self._where(position))
+                except OutsidePathError as error:
+                    refusal = refusal or error
+                    continue
+                except UnsafePathError:
+                    pass  # a NUL in the name: records() counts it as a missing image
+                refusal = None
+                break
+            if refusal is not None:
+                raise refusal
+
+    def _resolve(self, file_name: str, position: int) -> tuple[str | None, str | None]:
+        """The image's path inside one of the roots (a missing file's when none holds it), or (None, why) for a
+        name that cannot be a path (a NUL). A name that would leave the dataset folder from every root, such as
+        ``../../etc/passwd`` or an absolute path elsewhere, raises OutsidePathError without looking at what it
+        names (``_check_file_names`` refused it already when the file was opened)."""
         first: str | None = None
-        refusal: str | None = None
+        refusal: UnsafePathError | None = None
         for root in list(self._roots):
             try:
                 candidate = resolve_inside(
                     self.dataset_root,
                     file_name,
                     base=root,
-                    where=self.annotation_file.name,
+                    where=self._where(position),
                     allow_outside_files=self.allow_outside_files,
                 )
             except UnsafePathError as error:
-                refusal = str(error)
+                refusal = refusal if isinstance(refusal, OutsidePathError) else error
                 continue
             first = first or candidate
             if os.path.isfile(candidate):
@@ -170,7 +199,9 @@ class CocoRecordSource:
                 self._roots.remove(root)
                 self._roots.insert(0, root)
                 return candidate, None
-        return first, (None if first is not None else refusal)
+        if first is None and isinstance(refusal, OutsidePathError):
+            raise refusal
+        return first, (None if first is not None or refusal is None else str(refusal))
 
     def records(self) -> Iterator[RawRecord]:
         by_image: dict[Any, list[RawObject]] = defaultdict(list)
@@ -208,7 +239,7 @@ class CocoRecordSource:
             image: ImageRef | None = None
             problem: tuple[str, str] | None = None
             if isinstance(file_name, str) and file_name:
-                image, refusal = self._resolve(file_name)
+                image, refusal = self._resolve(file_name, position)
                 if refusal is not None:
                     problem = ("missing_image", refusal)
             identifier = entry.get("id")

@@ -19,11 +19,11 @@ per image (the image is dropped, except for ``empty_image`` and ``size_mismatch`
     empty_image            no usable object is left (kept: a negative example)
 
 and ``orphan_annotation`` for COCO annotations whose image_id names no image. A second record of a split naming
-the same image file is dropped as ``duplicate_image_id``; a path leading outside the dataset folder is a
-``missing_image`` (the reader never looks at it). Objects a reader converted (a rotated box made axis-aligned, a
-polygon reduced to its box, a shape that is not a box left out) are counted under ``conversions`` (documented
-behaviour of each reader, not problems: ``strict`` lets them through). Crowd objects
-(``iscrowd=1``) are not problems; they are left out of training and counted as ``crowd_ignored``. With
+the same image file is dropped as ``duplicate_image_id``; a path leading outside the dataset folder never gets
+here: every reader refuses the dataset when it is opened (unless ``allow_outside_files``). Objects a reader
+converted (a rotated box made axis-aligned, a polygon reduced to its box, a shape that is not a box left out) are
+counted under ``conversions`` (documented behaviour of each reader, not problems: ``strict`` lets them through).
+Crowd objects (``iscrowd=1``) are not problems; they are left out of training and counted as ``crowd_ignored``. With
 ``strict=True`` the first problem raises ``DatasetValidationError`` naming the record.
 """
 

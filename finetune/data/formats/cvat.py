@@ -6,7 +6,8 @@ Coordinates are pixel corners (``xtl, ytl`` top-left, ``xbr, ybr`` bottom-right)
 about its centre) is replaced by the axis-aligned box around it, and counted; polygons, polylines, points, masks,
 ellipses, cuboids and skeletons are left out, and counted. The ``subset`` attribute gives the split (``Train``,
 ``Validation``, ``Test``; ``default`` is train). Class order is the label list of ``<meta>``. CVAT for video
-(``<track>``) is refused. Parsed with defusedxml (DTDs and entities refused).
+(``<track>``) is refused. Parsed with defusedxml (DTDs and entities refused). An image ``name`` that leads outside
+the dataset folder refuses the export (OutsidePathError naming the ``<image>`` and ``--allow-outside-files``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from finetune.data.formats.common import (
     relative_name,
     rotated_bounds,
 )
-from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
+from finetune.data.formats.paths import files_under, resolve_inside
 from finetune.data.formats.xmlfiles import first_tag, number, parse_xml
 from finetune.data.records import RawObject, RawRecord
 
@@ -50,22 +51,19 @@ def _int_or_raw(value: Any) -> Any:
     return value
 
 
-def _image_path(
-    root: Path, name: str, subset: str | None, where: str, allow_outside_files: bool
-) -> tuple[str | None, str]:
+def _image_path(root: Path, name: str, subset: str | None, where: str, allow_outside_files: bool) -> str | None:
+    """The image's path (a missing file's when none exists); OutsidePathError (UnsafePathError for a NUL) naming
+    ``where`` when ``name`` leads outside the dataset folder from one of the image folders."""
     folders = [f"images/{subset}", "images", ""] if subset else ["images", ""]
     first = None
     for folder in folders:
-        try:
-            candidate = resolve_inside(
-                root, name, base=root / folder if folder else root, where=where, allow_outside_files=allow_outside_files
-            )
-        except UnsafePathError as error:
-            return None, str(error)
+        candidate = resolve_inside(
+            root, name, base=root / folder if folder else root, where=where, allow_outside_files=allow_outside_files
+        )
         first = first or candidate
         if os.path.isfile(candidate):
-            return candidate, ""
-    return first, ""
+            return candidate
+    return first
 
 
 def open_cvat(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset:
@@ -103,9 +101,8 @@ def open_cvat(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset
         subset = attributes.get("subset") or None
         split = "train" if subset is None or subset.lower() == "default" else canonical_split(subset)
         where = f"{split}: {shown} <image> {position} (name {name!r})"
-        file_path, refusal = (
-            _image_path(root, name, subset, shown, allow_outside_files) if name else (None, f"{where} has no name")
-        )
+        element_where = f"{shown} <image> {position}"
+        file_path = _image_path(root, name, subset, element_where, allow_outside_files) if name else None
         objects, notes = [], conversions.setdefault(split, [])
         for box in image.iter("box"):
             label = box.get("label")
@@ -133,7 +130,7 @@ def open_cvat(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset
                 width=_int_or_raw(attributes.get("width")),
                 height=_int_or_raw(attributes.get("height")),
                 objects=objects,
-                problem=None if file_path is not None else ("missing_image", refusal),
+                problem=None if file_path is not None else ("missing_image", f"{where} has no name"),
             )
         )
     if not by_split:

@@ -12,6 +12,9 @@ URLs by file name, in ``images/`` or the export's folder (also without the uploa
 storage URLs (``/data/local-files/?d=folder/photo.jpg``) by their path; plain relative paths from the export's
 folder. Several exports named after splits (``train.json``, ``valid.json``, ``test.json``) are the splits; a single
 export is ``train``. Class names are sorted alphabetically.
+
+A ``data.image`` path that leads outside the dataset folder refuses the export when it is opened, before any image
+is read (OutsidePathError naming the task and ``--allow-outside-files``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from finetune.data.formats.common import (
     rotated_bounds,
     split_from_label,
 )
-from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
+from finetune.data.formats.paths import OutsidePathError, UnsafePathError, files_under, resolve_inside
 from finetune.data.records import RawObject, RawRecord
 
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
@@ -75,43 +78,74 @@ def _candidates(reference: str) -> tuple[list[str], bool]:
 def _image_path(
     root: Path, folder: Path, reference: Any, where: str, allow_outside_files: bool
 ) -> tuple[str | None, str]:
+    """(path, "") -- a missing file's path when none exists -- or (None, why) for a task without a usable
+    reference. OutsidePathError when a path leads outside the dataset folder (a file name from a URL: when it
+    does from every folder it is looked for in)."""
     if not isinstance(reference, str) or not reference:
         return None, f"{where} has no data.image"
     names, bare = _candidates(reference)
     bases = [folder / "images", folder] if bare else [folder]
     first = None
+    refusal: OutsidePathError | None = None
     for name in names:
         for base in bases:
             try:
                 candidate = resolve_inside(root, name, base=base, where=where, allow_outside_files=allow_outside_files)
-            except UnsafePathError as error:
-                if bare:
-                    continue
+            except OutsidePathError as error:
+                if not bare:
+                    raise
+                refusal = refusal or error
+                continue
+            except UnsafePathError as error:  # a NUL in the name
                 return None, str(error)
             first = first or candidate
             if os.path.isfile(candidate):
                 return candidate, ""
     if first is None:
+        if refusal is not None:
+            raise refusal
         return None, f"{where}: data.image {reference!r} names no file inside the dataset folder"
     return first, ""
 
 
-def _task_records(
-    root: Path, export: Path, split: str, tasks: Any, conversions: list[tuple[str, str]], allow_outside_files: bool
-) -> tuple[list[RawRecord], list[str]]:
+def _task_where(split: str, shown: str, position: int, task: dict[str, Any]) -> str:
+    return f"{split}: {shown} task {position} (id {task.get('id')!r})"
+
+
+def _reference(task: dict[str, Any]) -> Any:
+    stored = task.get("data")
+    data: dict[str, Any] = stored if isinstance(stored, dict) else {}
+    return data.get("image") if "image" in data else next((v for v in data.values() if isinstance(v, str)), None)
+
+
+def _task_images(
+    root: Path, export: Path, split: str, tasks: Any, allow_outside_files: bool
+) -> list[tuple[str | None, str]]:
+    """Each task's image (see ``_image_path``), found before any image is read (sizes are read from some)."""
     shown = relative_name(root, export)
     if not isinstance(tasks, list):
         raise ValueError(f"{shown}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}")
-    records, labels = [], []
+    images = []
     for position, task in enumerate(tasks):
         task = task if isinstance(task, dict) else {}
-        stored = task.get("data")
-        data: dict[str, Any] = stored if isinstance(stored, dict) else {}
-        reference = (
-            data.get("image") if "image" in data else next((v for v in data.values() if isinstance(v, str)), None)
-        )
-        where = f"{split}: {shown} task {position} (id {task.get('id')!r})"
-        image, why = _image_path(root, export.parent, reference, where, allow_outside_files)
+        where = _task_where(split, shown, position, task)
+        images.append(_image_path(root, export.parent, _reference(task), where, allow_outside_files))
+    return images
+
+
+def _task_records(
+    root: Path,
+    export: Path,
+    split: str,
+    tasks: list[Any],
+    images: list[tuple[str | None, str]],
+    conversions: list[tuple[str, str]],
+) -> tuple[list[RawRecord], list[str]]:
+    shown = relative_name(root, export)
+    records, labels = [], []
+    for position, (task, (image, why)) in enumerate(zip(tasks, images, strict=True)):
+        task = task if isinstance(task, dict) else {}
+        where = _task_where(split, shown, position, task)
         annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
         results = annotations[0].get("result") or [] if annotations else []
         objects: list[RawObject] = []
@@ -193,15 +227,19 @@ def open_label_studio(path: Path, *, allow_outside_files: bool = False) -> Loade
                 "exports after their splits (train.json, valid.json, test.json)"
             )
         files[split] = export
-    splits: dict[str, ParsedRecordSource] = {}
-    labels: list[str] = []
+    # Every export's images are found first: an image outside refuses the dataset before any image is read.
+    found_images = {}
     for split, export in files.items():
         shown = relative_name(root, export)
         tasks = read_json(
             Path(resolve_inside(root, export, where=shown, allow_outside_files=allow_outside_files)), shown=shown
         )
+        found_images[split] = (tasks, _task_images(root, export, split, tasks, allow_outside_files))
+    splits: dict[str, ParsedRecordSource] = {}
+    labels: list[str] = []
+    for split, (tasks, images) in found_images.items():
         conversions: list[tuple[str, str]] = []
-        records, found = _task_records(root, export, split, tasks, conversions, allow_outside_files)
+        records, found = _task_records(root, files[split], split, tasks, images, conversions)
         splits[split] = ParsedRecordSource(name=split, records=records, conversions=conversions)
         labels += found
     try:

@@ -23,7 +23,13 @@ OUTSIDE_HINT = "pass --allow-outside-files / allow_outside_files=True if this is
 
 
 class UnsafePathError(ValueError):
-    """A path named by the dataset leads outside the dataset folder."""
+    """A path named by the dataset cannot be used: it leads outside the dataset folder (:class:`OutsidePathError`)
+    or holds a NUL character."""
+
+
+class OutsidePathError(UnsafePathError):
+    """A path named by the dataset leads outside the dataset folder. The importers refuse the whole dataset with
+    it (an attack or a mistake, not a missing image) unless ``allow_outside_files``."""
 
 
 def _within(path: str, root: str) -> bool:
@@ -46,9 +52,9 @@ def _relative_to_root(path: Path | str, root: Path, root_real: str) -> list[str]
     return None
 
 
-def outside_refusal(where: str, text: str, root: Path | str) -> UnsafePathError:
+def outside_refusal(where: str, text: str, root: Path | str) -> OutsidePathError:
     """The refusal of ``text`` (named by ``where``) for leading outside ``root``; it never depends on the target."""
-    return UnsafePathError(f"{where}: the path {text!r} leads outside the dataset folder {root} ({OUTSIDE_HINT})")
+    return OutsidePathError(f"{where}: the path {text!r} leads outside the dataset folder {root} ({OUTSIDE_HINT})")
 
 
 def resolve_inside(
@@ -60,9 +66,10 @@ def resolve_inside(
     allow_outside_files: bool = False,
 ) -> str:
     """The real path of ``name`` (relative to ``base``, a folder inside ``root``; default ``root``) when it lies
-    inside the dataset folder ``root`` after resolving ``..`` and symlinks; UnsafePathError naming ``where`` (the
-    file that names the path) otherwise. Missing files resolve too (validation reports them missing); nothing
-    outside ``root`` is opened or stat-ed. ``allow_outside_files``: no check, the real path wherever it leads."""
+    inside the dataset folder ``root`` after resolving ``..`` and symlinks; OutsidePathError naming ``where`` (the
+    file that names the path) otherwise, UnsafePathError for a name holding a NUL. Missing files resolve too
+    (validation reports them missing); nothing outside ``root`` is opened or stat-ed. ``allow_outside_files``: no
+    check, the real path wherever it leads."""
     root = Path(root)
     text = os.fspath(name)
     if "\x00" in text:

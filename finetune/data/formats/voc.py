@@ -14,6 +14,10 @@ Coordinates are pixel corners (``xmin, ymin`` the top-left corner, ``xmax, ymax`
 Roboflow and LabelImg write them), so the COCO box is ``[xmin, ymin, xmax - xmin, ymax - ymin]``; fractional values
 are kept. Class names are sorted alphabetically (VOC files carry no class list). ``difficult`` objects are kept
 as ordinary objects. The XML is parsed with defusedxml (DTDs and entities refused).
+
+An image ``<filename>`` (or an ImageSets id) that leads outside the dataset folder refuses the dataset when it is
+opened (OutsidePathError naming the XML file or ImageSets line and ``--allow-outside-files``); nothing it names
+is looked at.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from finetune.data.formats.common import (
     absolute,
     split_from_label,
 )
-from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
+from finetune.data.formats.paths import OutsidePathError, UnsafePathError, files_under, resolve_inside
 from finetune.data.formats.xmlfiles import first_tag, number, parse_xml, text_of
 from finetune.data.records import RawObject, RawRecord
 
@@ -56,11 +60,14 @@ def _find_image(
     root: Path, folders: list[str], file_name: str | None, stem: str, where: str, allow_outside_files: bool
 ) -> tuple[str | None, str]:
     """The image of an annotation: ``file_name`` in one of ``folders``, else a file named after the XML's stem.
-    Returns (path, "") -- a missing file's path when none exists -- or (None, why)."""
+    Returns (path, "") -- a missing file's path when none exists -- or (None, why) when no name can be a path (a
+    NUL). OutsidePathError when ``file_name`` leads outside the dataset folder from one of the folders, or every
+    name tried does (the folders are symlinks leading out)."""
     names = [file_name] if file_name else []
     names += [stem + suffix for suffix in IMAGE_SUFFIXES if stem + suffix != file_name]
     first: str | None = None
-    refusal: str | None = None
+    refusal: OutsidePathError | None = None
+    unusable = f"{where} names no image"
     for name in names:
         for folder in folders:
             try:
@@ -71,17 +78,22 @@ def _find_image(
                     where=where,
                     allow_outside_files=allow_outside_files,
                 )
-            except UnsafePathError as error:
+            except OutsidePathError as error:
                 if name == file_name:
-                    return None, str(error)
-                refusal = refusal or str(error)
+                    raise
+                refusal = refusal or error
+                continue
+            except UnsafePathError as error:  # a NUL in the name
+                unusable = str(error)
                 continue
             first = first or candidate
             if os.path.isfile(candidate):
                 return candidate, ""
     if first is not None:
         return first, ""
-    return None, refusal or f"{where} names no image"
+    if refusal is not None:
+        raise refusal
+    return None, unusable
 
 
 def _parse(
@@ -127,7 +139,7 @@ def _image_set(root: Path, split: str) -> tuple[str, list[tuple[int, str]]] | No
         try:
             path = resolve_inside(root, relative, where=relative)
         except UnsafePathError:
-            continue
+            continue  # a symlink leading out: not read, as if absent
         if os.path.isfile(path):
             try:
                 lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
@@ -185,7 +197,7 @@ def open_voc(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset:
         records = []
         for xml_relative, listed in items:
             image_folders = folders or [os.path.dirname(xml_relative), "images", ""]
-            if listed is not None and not _exists(root, xml_relative, allow_outside_files):
+            if listed is not None and not _exists(root, xml_relative, listed, allow_outside_files):
                 records.append(_without_xml(root, xml_relative, listed, image_folders, split, allow_outside_files))
                 continue
             record, names = _parse(root, xml_relative, list(dict.fromkeys(image_folders)), split, allow_outside_files)
@@ -203,10 +215,15 @@ def open_voc(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset:
     )
 
 
-def _exists(root: Path, relative: str, allow_outside_files: bool) -> bool:
+def _exists(root: Path, relative: str, listed: str, allow_outside_files: bool) -> bool:
+    """Whether the XML file of an ImageSets id exists; OutsidePathError naming the ImageSets line when the id
+    leads outside the dataset folder."""
+    where = listed.partition(":")[0]  # "ImageSets/Main/train.txt line 3" (the id may hold a colon)
     try:
-        return os.path.isfile(resolve_inside(root, relative, where=relative, allow_outside_files=allow_outside_files))
-    except UnsafePathError:
+        return os.path.isfile(resolve_inside(root, relative, where=where, allow_outside_files=allow_outside_files))
+    except OutsidePathError:
+        raise
+    except UnsafePathError:  # a NUL in the id: _without_xml counts it as a missing image
         return False
 
 
@@ -214,7 +231,7 @@ def _without_xml(
     root: Path, xml_relative: str, listed: str, folders: list[str], split: str, allow_outside_files: bool
 ) -> RawRecord:
     """An id listed in ImageSets without an XML file: its image is a background image if it exists."""
-    where, _, image_id = listed.rpartition(":")
+    where, _, image_id = listed.partition(":")
     image, why = _find_image(root, folders, None, image_id, where, allow_outside_files)
     problem = None if image is not None else ("missing_image", why)
     if image is not None and not os.path.isfile(image):

@@ -15,6 +15,10 @@ dataset folder and ignored otherwise. A label file mirrors its image's path with
 replaced by ``labels`` and the suffix by ``.txt``. Each line is ``class cx cy w h``, normalised to 0-1 by the image
 size (after EXIF orientation); a line with more coordinate pairs is a segment, reduced to its box (counted). An
 image without a label file is a background image; a label file without an image is counted as a missing image.
+
+An image the split names (a list file's line, a symlink among the images) or a label file (a symlink) that leads
+outside the dataset folder refuses the dataset when it is opened, before any image or label file is read
+(OutsidePathError naming the file and ``--allow-outside-files``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from finetune.data.formats.common import (
     image_size,
     relative_name,
 )
-from finetune.data.formats.paths import UnsafePathError, files_under, resolve_inside
+from finetune.data.formats.paths import FoundFile, OutsidePathError, UnsafePathError, files_under, resolve_inside
 from finetune.data.records import ImageRef, RawObject, RawRecord
 
 logger = logging.getLogger(__name__)
@@ -120,7 +124,8 @@ def _strip_parents(text: str) -> str:
 
 @dataclass(frozen=True)
 class _Entry:
-    """An image of a split: its path as listed (relative to the dataset folder), its real path, or why not."""
+    """An image of a split: its path as listed (relative to the dataset folder), its real path, or why it has none
+    (a list file's name holding a NUL: counted as a missing image)."""
 
     listed: str
     path: str | None
@@ -139,7 +144,9 @@ def _label_name(listed: str) -> str:
 
 
 class YoloRecordSource:
-    """One split of a YOLO dataset; label files are read (and boxes scaled by the image size) in ``records()``."""
+    """One split of a YOLO dataset; label files are read (and boxes scaled by the image size) in ``records()``.
+    Every label file's path is resolved here, so that one leading outside the dataset folder (a symlink) refuses
+    the split (OutsidePathError) before any image or label file is read."""
 
     def __init__(
         self,
@@ -158,6 +165,12 @@ class YoloRecordSource:
         self.orphan_labels = orphan_labels
         self.lookup = lookup
         self.conversions: list[tuple[str, str]] = []
+        labels = [_label_name(entry.listed) for entry in entries if entry.path is not None] + list(orphan_labels)
+        # Label file (relative to the dataset folder) -> the real path that records() reads.
+        self._label_paths = {
+            label: resolve_inside(root, label, where=label, allow_outside_files=allow_outside_files)
+            for label in dict.fromkeys(labels)
+        }
 
     def records(self) -> Iterator[RawRecord]:
         self.conversions = []
@@ -174,11 +187,7 @@ class YoloRecordSource:
                 continue
             owners[label] = entry.listed
             size = image_size(entry.path)
-            try:
-                objects = self._objects(label, size)
-            except UnsafePathError as error:
-                yield RawRecord(where, None, position, None, None, problem=("missing_image", str(error)))
-                continue
+            objects = self._objects(label, size)
             width, height = size if size is not None else (None, None)
             yield RawRecord(where, entry.path, position, width, height, objects)
         for offset, label in enumerate(self.orphan_labels):
@@ -186,12 +195,12 @@ class YoloRecordSource:
             where = f"{self.name}: {label}"
             try:
                 objects = self._objects(label, None)
-            except (UnsafePathError, ValueError):
+            except ValueError:
                 objects = []
             yield RawRecord(where, None, len(self.entries) + offset, None, None, objects, ("missing_image", detail))
 
     def _objects(self, label: str, size: tuple[int, int] | None) -> list[RawObject]:
-        path = resolve_inside(self.root, label, where=label, allow_outside_files=self.allow_outside_files)
+        path = self._label_paths[label]
         try:
             if os.path.getsize(path) > _MAX_LABEL_BYTES:
                 raise ValueError(f"{label} is larger than {_MAX_LABEL_BYTES} bytes")
@@ -293,7 +302,8 @@ def _split_images(
         listed = relative_name(root, target)
         if os.path.isdir(target):
             images = files_under(root, target, suffixes=IMAGE_SUFFIXES, allow_outside_files=allow_outside_files)
-            entries += [_Entry(item.relative, item.path, item.refusal) for item in images]
+            _refuse_links(images)
+            entries += [_Entry(item.relative, item.path) for item in images]
             orphans += _orphan_labels(root, listed, {item.relative for item in images}, allow_outside_files)
         elif target.lower().endswith(".txt"):
             entries += _list_file(root, Path(target), listed, allow_outside_files)
@@ -314,9 +324,17 @@ def _orphan_labels(root: Path, folder: str, images: set[str], allow_outside_file
         if label_folder
         else []
     )
+    _refuse_links(found)
     return [
         item.relative for item in found if item.relative not in expected and Path(item.relative).name != "classes.txt"
     ]
+
+
+def _refuse_links(found: list[FoundFile]) -> None:
+    """OutsidePathError for the first file of a split's folder that is a symlink leading outside the dataset."""
+    for item in found:
+        if item.refusal is not None:
+            raise OutsidePathError(item.refusal)
 
 
 def _list_file(root: Path, path: Path, listed: str, allow_outside_files: bool) -> list[_Entry]:
@@ -333,7 +351,9 @@ def _list_file(root: Path, path: Path, listed: str, allow_outside_files: bool) -
         base = path.parent
         try:
             resolved = resolve_inside(root, name, base=base, where=where, allow_outside_files=allow_outside_files)
-        except UnsafePathError as error:
+        except OutsidePathError:
+            raise
+        except UnsafePathError as error:  # a NUL in the name: counted as a missing image
             entries.append(_Entry(name, None, str(error)))
             continue
         entries.append(_Entry(relative_name(root, resolved), resolved))
