@@ -10,6 +10,7 @@ import argparse
 import atexit
 import functools
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -56,8 +57,15 @@ class AppConfig:
     # "auto": bf16 where native (>= 95% of fp32's top-100 detections kept), else fp32
     precision: str = "auto"
     admin_token: str | None = None  # stops any visitor's job (else DDETR_ADMIN_TOKEN, or the Space's author)
+    # "Sign in with Hugging Face" (visitors are then their login): None = when the Space has OAuth (hf_oauth: true).
+    login: bool | None = None
     live: LiveSettings = field(default_factory=LiveSettings)
     video: VideoSettings = field(default_factory=VideoSettings)
+
+
+def oauth_configured() -> bool:
+    """Whether this runs on a Space with ``hf_oauth: true`` (Spaces then sets the OAuth client's variables)."""
+    return bool(os.environ.get("OAUTH_CLIENT_ID")) and os.environ.get("SYSTEM") == "spaces"
 
 
 def example_images(paths: AppPaths) -> dict[str, list[Path]]:
@@ -140,7 +148,10 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppServer]:
     )
 
     with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
-        gr.Markdown(f"# {TITLE}")
+        with gr.Row():
+            gr.Markdown(f"# {TITLE}")
+            if config.login if config.login is not None else oauth_configured():
+                gr.LoginButton(scale=0, elem_id="login")
         visitor = label_tab.visitor_state()
         with gr.Tabs(selected="detect") as tabs:
             with gr.Tab("Detect", id="detect"):

@@ -8,7 +8,8 @@
 - an uploaded zip, unpacked safely and once into its owner's part of the private work area (see ``uploads``);
 - the visitor's own dataset from the Label tab (found through their browser token, never through a typed path).
 
-Local datasets are also checked for annotation files naming images outside their folder.
+Whatever a dataset's files name must lie inside its folder: the dataset readers refuse anything else (the app never
+sets ``allow_outside_files``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from app_support.archives import check_dataset_references
 from app_support.paths import AppPaths, resolve_inside
 from app_support.uploads import UploadStore
 
@@ -74,7 +74,6 @@ def hub_choice(dataset_id: str, *, cwd: Path | None = None) -> DatasetChoice:
 
 def folder_choice(paths: AppPaths, relative_path: str) -> DatasetChoice:
     resolved = resolve_inside(paths.data, relative_path)
-    check_dataset_references(resolved if resolved.is_dir() else resolved.parent)
     return DatasetChoice(str(resolved), f"data/{resolved.relative_to(paths.data).as_posix()}")
 
 
@@ -84,11 +83,6 @@ def upload_choice(uploads: UploadStore, owner_key: str | None, uploaded_file: st
     if owner_key is None:
         raise DatasetChoiceError("reload the page: this browser's session is not known to the server")
     root = uploads.unpack(owner_key, Path(uploaded_file))
-    try:
-        check_dataset_references(root)
-    except ValueError:
-        uploads.discard(root)
-        raise
     return DatasetChoice(str(root), f"uploaded {Path(uploaded_file).name}")
 
 

@@ -458,3 +458,28 @@ def test_uploaded_zips_in_every_layout_are_checked(
 def test_labelled_kind_needs_the_visitors_own_dataset(tab: FinetuneTab):
     with pytest.raises(gr.Error, match="label some in the Label tab"):
         tab.check_dataset(*form(kind="labelled"), "a" * 32)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../secret.png", "../../../secret.png"])
+def test_uploads_naming_files_outside_the_dataset_are_refused_and_deleted(
+    tab: FinetuneTab, tmp_path: Path, visitor: str, name: str
+):
+    (tmp_path / "secret.png").write_bytes(b"not for visitors")
+    images = [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}, {"id": 2, "file_name": name}]
+    annotations = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    archive = tmp_path / "outside.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("set/annotations.json", json.dumps(annotations))
+        bundle.writestr("set/a.png", buffer.getvalue())
+    for action in (lambda: tab.check_dataset(*form(kind="upload", upload=str(archive)), visitor),
+                   lambda: tab.start(*form(kind="upload", upload=str(archive)), "preset:tiny", 1, 1, 1, 2e-4, 0, 1, 2,
+                                     visitor)):  # fmt: skip
+        with pytest.raises(gr.Error, match="outside the dataset folder") as refused:
+            action()
+        assert "allow-outside-files" in str(refused.value) and str(tmp_path) not in str(refused.value)
+        assert list(tab.services.uploads.root.rglob("*")) == [
+            tab.services.uploads.root / tab.identities.owner_key(visitor)
+        ]
+    assert own_snapshot(tab, visitor).state == "idle"

@@ -4,12 +4,14 @@ training job, the other sees the public summary, and a reload keeps control."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app import AppConfig
+from app_support.owners import owner_of_login
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*", "ignore:The copy keyword is deprecated.*")
 
@@ -92,3 +94,47 @@ def test_two_visitors_each_control_only_their_own_job(browser, app_url: str):
     finally:
         context_a.close()
         context_b.close()
+
+
+def mocked_login(username: str) -> dict:
+    """What Gradio's local stand-in for HF OAuth stores in the session (it would ask the Hub who we are)."""
+    userinfo = {"name": username.title(), "preferred_username": username, "profile": "", "picture": ""}
+    return {
+        "access_token": "mock-token",
+        "scope": "openid profile",
+        "expires_at": time.time() + 3600,
+        "userinfo": userinfo,
+    }
+
+
+def test_a_signed_in_visitor_owns_jobs_by_login_in_any_browser(
+    browser, tmp_path: Path, tiny_model_dir: Path, launched_app, monkeypatch: pytest.MonkeyPatch
+):
+    import gradio.oauth
+
+    monkeypatch.setattr(gradio.oauth, "_get_mocked_oauth_info", lambda: mocked_login("tester"))
+    config = AppConfig(
+        model=str(tiny_model_dir), models_dir=tmp_path / "models", runs_dir=tmp_path / "runs", login=True
+    )
+    with launched_app(config) as (_, url):
+        pages = []
+        for _ in range(2):  # two browsers of the same person: separate storage, one login
+            context, page = visitor_page(browser, url)
+            page.get_by_role("button", name="Sign in with Hugging Face").click()
+            page.wait_for_selector("text=Logout (tester)")
+            page.get_by_role("tab", name="Fine-tune").click()
+            pages.append((context, page))
+        (context_a, a), (context_b, b) = pages
+        try:
+            choose(a, "base-model", "tiny preset")
+            a.locator("#epochs input").fill("200")
+            a.locator("#finetune-start").click()
+            a.wait_for_selector("#finetune-status-text:has-text('your run')")
+            run = re.search(r"your run (\S+)", status(a)).group(1)
+            assert list((tmp_path / "runs").glob(f"{owner_of_login('tester').key}/{run}"))  # filed under the login
+            b.wait_for_selector(f"#finetune-status-text:has-text('your run {run}')")
+            b.locator("#finetune-stop").click()
+            a.wait_for_selector("#finetune-status-text:has-text('stopped')")
+        finally:
+            context_a.close()
+            context_b.close()

@@ -201,7 +201,10 @@ def test_coco_file_names_cannot_leave_the_image_folder(tmp_path: Path) -> None:
     coco = json.loads((tmp_path / "data" / "annotations.json").read_text())
     coco["images"][1]["file_name"] = "../../secret.png"
     (tmp_path / "data" / "annotations.json").write_text(json.dumps(coco))
-    data = prepare_data(str(tmp_path / "data" / "annotations.json"), validation_fraction=0.0)
-    assert [s.image_id for s in data.split("train").samples] == [1]
-    (report,) = [report for report in data.reports if report.split == "train"]
-    assert report.counts["missing_image"] == 1 and report.images_dropped == 1
+    # An outside reference refuses the whole dataset (strict or not), naming the record and the opt-out.
+    refusal = r"annotations\.json images\[1\]: the path '\.\./\.\./secret\.png' leads outside .*--allow-outside-files"
+    for strict in (False, True):
+        with pytest.raises(ValueError, match=refusal):
+            prepare_data(str(tmp_path / "data" / "annotations.json"), validation_fraction=0.0, strict=strict)
+    data = prepare_data(str(tmp_path / "data" / "annotations.json"), validation_fraction=0.0, allow_outside_files=True)
+    assert [s.image_id for s in data.split("train").samples] == [1, 2]

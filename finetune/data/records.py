@@ -32,7 +32,7 @@ class RawRecord:
     """One image and its objects as stored. ``where`` names it in messages (split, position, id, file).
 
     ``problem``: why a record has no usable image, as the reader found it -- ``(kind, detail)`` with ``kind`` one
-    of validation's per-image problems (e.g. ``missing_image`` for a path leading outside the dataset folder);
+    of validation's per-image problems (e.g. ``missing_image`` for a name that cannot be a path);
     validation counts it and drops the record."""
 
     where: str
