@@ -21,7 +21,7 @@ from safetensors.torch import load_model
 
 import ddetr
 from ddetr.boxes import box_xywh_to_xyxy
-from finetune.api import prepare_dataset
+from finetune.api import CheckBudget, CheckBudgetExceeded, prepare_dataset
 from finetune.config import TrainConfig
 from finetune.data.prepare import PreparedData
 from finetune.data.validation import format_reports
@@ -31,6 +31,9 @@ from finetune.run.files import MODEL_CONFIG, TRAIN_CONFIG
 
 PREVIEW_IMAGES = 4
 PREDICTION_THRESHOLD = 0.3
+# A visitor's Check/Start validates in the server: bounded, so that no dataset holds a worker for minutes. (The
+# training child validates again for itself, unbounded: it has its own process.)
+CHECK_BUDGET = CheckBudget(max_images=50_000, max_seconds=60.0)
 PREVIEW_CACHE = 4  # checkpoint detectors kept loaded (one per recently polled job)
 
 # Where the app trains differently from ``python -m finetune`` (everything else is ``TrainConfig``'s default): a
@@ -58,7 +61,13 @@ def training_config(*, dataset: str, model: str, output_dir: Path, **settings: A
 def prepare_for_app(config: TrainConfig, description: str) -> PreparedData:
     """Open and validate ``config.dataset`` as a run of ``config`` will train on it (``prepare_dataset``);
     ValueError if nothing is left to train on."""
-    prepared = prepare_dataset(config)
+    try:
+        prepared = prepare_dataset(config, budget=CHECK_BUDGET)
+    except CheckBudgetExceeded as error:
+        raise ValueError(
+            f"{description}: {error}; this server checks datasets of up to {CHECK_BUDGET.max_images} images in "
+            f"{CHECK_BUDGET.max_seconds:g} s. Train larger ones with `python -m finetune` on your own machine"
+        ) from None
     if "train" not in prepared.splits or len(prepared.splits["train"]) == 0:
         raise ValueError(f"{description} has no usable training images:\n{format_reports(prepared.reports)}")
     return prepared

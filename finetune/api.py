@@ -35,6 +35,7 @@ from finetune.data.export_coco import CocoExport, export_coco
 from finetune.data.formats import DATASET_FORMATS
 from finetune.data.formats.detect import detect_format
 from finetune.data.prepare import PreparedData, prepare
+from finetune.data.validation import CheckBudget, CheckBudgetExceeded
 from finetune.run.files import METRICS, TRAIN_CONFIG, read_status
 from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
@@ -44,6 +45,8 @@ from finetune.run.trainer import RunResult
 
 __all__ = [
     "DATASET_FORMATS",
+    "CheckBudget",
+    "CheckBudgetExceeded",
     "CocoExport",
     "ProcessRun",
     "TrainingRun",
@@ -150,11 +153,12 @@ class TrainingRun:
                 return
 
 
-def prepare_dataset(config: TrainConfig) -> PreparedData:
+def prepare_dataset(config: TrainConfig, *, budget: CheckBudget | None = None) -> PreparedData:
     """Open and validate ``config.dataset`` as a run of ``config`` would (its ``strict``, ``seed`` and
     ``validation_fraction``): the splits, class names and validation reports, to show and then to hand to
-    ``start_run(config, data=...)``."""
-    return prepare(data_settings(config))
+    ``start_run(config, data=...)``. ``budget``: at most so many images or seconds of checking (a ValueError
+    saying which, beyond)."""
+    return prepare(data_settings(config), budget=budget)
 
 
 def export_dataset(config: TrainConfig, output_zip: str | Path) -> CocoExport:

@@ -483,3 +483,13 @@ def test_uploads_naming_files_outside_the_dataset_are_refused_and_deleted(
             tab.services.uploads.root / tab.identities.owner_key(visitor)
         ]
     assert own_snapshot(tab, visitor).state == "idle"
+
+
+def test_checks_in_the_server_are_bounded(tab: FinetuneTab, visitor: str, monkeypatch: pytest.MonkeyPatch):
+    import app_support.training as training
+
+    monkeypatch.setattr(training, "CHECK_BUDGET", training.CheckBudget(max_images=10, max_seconds=60))
+    for action in (lambda: tab.check_dataset(*form(), visitor), lambda: tab.start(*start_args(visitor))):
+        with pytest.raises(gr.Error, match=r"more than 10 images.*checks datasets of up to 10 images"):
+            action()
+    assert own_snapshot(tab, visitor).state == "idle"

@@ -11,9 +11,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from finetune.data.prepare import prepare_data
+from finetune.data import validation
+from finetune.data.prepare import DataSettings, prepare, prepare_data
 from finetune.data.shapes import make_shapes_dataset
-from finetune.data.validation import PROBLEMS, DatasetValidationError, probe_image
+from finetune.data.validation import PROBLEMS, CheckBudget, CheckBudgetExceeded, DatasetValidationError, probe_image
 
 NAN = float("nan")
 
@@ -114,3 +115,14 @@ def test_probe_image_sizes_and_rejections(tmp_path: Path) -> None:
     (tmp_path / "vector.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'></svg>")
     with pytest.raises(ValueError):
         probe_image(str(tmp_path / "vector.svg"))
+
+
+def test_a_check_budget_bounds_images_and_time_over_all_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = DataSettings(source="shapes:train=20,validation=10,test=0,size=64")
+    assert len(prepare(settings, budget=CheckBudget(max_images=30)).splits["validation"]) == 10  # exactly enough
+    with pytest.raises(CheckBudgetExceeded, match="more than 29 images"):
+        prepare(settings, budget=CheckBudget(max_images=29))  # counted over train and validation together
+    clock = iter(range(0, 10_000, 10))  # every reading of the clock is 10 s later than the one before
+    monkeypatch.setattr(validation.time, "monotonic", lambda: float(next(clock)))
+    with pytest.raises(CheckBudgetExceeded, match=r"longer than 5 s \(stopped after 64 images\)"):
+        prepare(DataSettings(source="shapes:train=100,validation=10,test=0,size=64"), budget=CheckBudget(max_seconds=5))

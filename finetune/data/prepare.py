@@ -10,7 +10,7 @@ import numpy as np
 from finetune.data.formats import normalise_format
 from finetune.data.records import DetectionSplit, Sample
 from finetune.data.sources import LoadedDataset, open_dataset
-from finetune.data.validation import ValidationReport, validate_split
+from finetune.data.validation import CheckBudget, ValidationReport, validate_split
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,13 @@ class PreparedData:
             )
 
 
-def validate_dataset(loaded: LoadedDataset, *, strict: bool) -> tuple[dict[str, list[Sample]], list[ValidationReport]]:
+def validate_dataset(
+    loaded: LoadedDataset, *, strict: bool, budget: CheckBudget | None = None
+) -> tuple[dict[str, list[Sample]], list[ValidationReport]]:
     samples, reports = {}, []
+    meter = budget.start() if budget is not None else None
     for name, source in loaded.splits.items():
-        samples[name], report = validate_split(source, loaded.categories, strict=strict)
+        samples[name], report = validate_split(source, loaded.categories, strict=strict, meter=meter)
         reports.append(report)
     return samples, reports
 
@@ -130,10 +133,11 @@ def prepare_data(
     return prepare(settings)
 
 
-def prepare(settings: DataSettings) -> PreparedData:
-    """``prepare_data`` for the source and settings in ``settings``."""
+def prepare(settings: DataSettings, *, budget: CheckBudget | None = None) -> PreparedData:
+    """``prepare_data`` for the source and settings in ``settings``; ``budget`` bounds the validation
+    (``CheckBudgetExceeded``, a ValueError, once it is spent)."""
     if not 0 <= settings.validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {settings.validation_fraction}")
     loaded = open_dataset(settings.source, format=settings.format, allow_outside_files=settings.allow_outside_files)
-    samples, reports = validate_dataset(loaded, strict=settings.strict)
+    samples, reports = validate_dataset(loaded, strict=settings.strict, budget=budget)
     return assemble(loaded, samples, settings=settings, reports=reports)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,10 +138,45 @@ class _Recorder:
             examples.append(f"{where}: {detail}")
 
 
+class CheckBudgetExceeded(ValueError):
+    """Validation took more time or images than its caller allowed (a shared server bounds every visitor's check)."""
+
+
+@dataclass(frozen=True)
+class CheckBudget:
+    """How much validation a caller allows: at most ``max_images`` records and ``max_seconds`` of wall time over
+    all the splits of one dataset (None: no bound). ``start()`` gives the meter one check uses."""
+
+    max_images: int | None = None
+    max_seconds: float | None = None
+
+    def start(self) -> CheckMeter:
+        return CheckMeter(self, time.monotonic())
+
+
+@dataclass
+class CheckMeter:
+    budget: CheckBudget
+    started: float
+    images: int = 0
+
+    def count(self) -> None:
+        """One more record; CheckBudgetExceeded once the budget is spent."""
+        self.images += 1
+        limit, seconds = self.budget.max_images, self.budget.max_seconds
+        if limit is not None and self.images > limit:
+            raise CheckBudgetExceeded(f"the dataset has more than {limit} images, the most checked here")
+        if seconds is not None and self.images % 64 == 0 and time.monotonic() - self.started > seconds:
+            raise CheckBudgetExceeded(
+                f"checking the dataset took longer than {seconds:g} s (stopped after {self.images} images)"
+            )
+
+
 def validate_split(
-    source: RecordSource, categories: CategoryMap, *, strict: bool = False
+    source: RecordSource, categories: CategoryMap, *, strict: bool = False, meter: CheckMeter | None = None
 ) -> tuple[list[Sample], ValidationReport]:
-    """Validate every record of ``source``; returns the usable samples and the report."""
+    """Validate every record of ``source``; returns the usable samples and the report. ``meter``: the budget this
+    check may spend (``CheckBudget.start()``; None: unbounded)."""
     report = ValidationReport(split=source.name)
     record = _Recorder(report, strict)
     samples: list[Sample] = []
@@ -148,6 +184,8 @@ def validate_split(
     seen_object_ids: set[Any] = set()
     seen_files: dict[str, str] = {}
     for raw in source.records():
+        if meter is not None:
+            meter.count()
         report.images_seen += 1
         report.objects_seen += len(raw.objects)
         sample = _validate_record(raw, source, categories, record, seen_image_ids, seen_object_ids, seen_files)
