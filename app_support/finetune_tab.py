@@ -168,13 +168,23 @@ class FinetuneTab:
 
     @user_errors
     def check_dataset(
-        self, *values: Any, request: gr.Request | None = None, profile: gr.OAuthProfile | None = None
+        self,
+        kind: str,
+        shapes_train: int,
+        shapes_validation: int,
+        shapes_size: int,
+        hub_id: str,
+        folder: str,
+        upload: str | None,
+        visitor: str | None = None,
+        request: gr.Request | None = None,
+        profile: gr.OAuthProfile | None = None,
     ) -> tuple[str, list[tuple[Any, str]]]:
         """Validate the chosen dataset and show its report and a few images with their boxes."""
-        *form_values, visitor = values
         owner = self._owner(visitor, profile)
+        form = DatasetForm(kind, shapes_train, shapes_validation, shapes_size, hub_id, folder, upload)
         with self.checks.hold(request):
-            choice = self._dataset(DatasetForm(*form_values), visitor, owner, request)
+            choice = self._dataset(form, visitor, owner, request)
             config = APP_TRAINING_DEFAULTS.with_overrides(dataset=choice.source)
             prepared = self._prepare(choice, config, None)
         if owner is not None:
@@ -225,6 +235,7 @@ class FinetuneTab:
         if owner is None:  # an API client: the job's own token is its owner
             token, owner = owner_of_job_token()
         form = DatasetForm(kind, shapes_train, shapes_validation, shapes_size, hub_id, folder, upload)
+        self.jobs.check_can_queue(owner.key)  # before validating: a refusal should cost nothing
         with self.checks.hold(request):
             choice = self._dataset(form, visitor, owner, request)
             # TrainConfig settings; 0 in the "max steps" and "image size" fields means "not set".

@@ -181,7 +181,7 @@ class TrainingJobs:
         """Queue ``config`` (its ``output_dir`` from ``new_run_dir``) for ``owner``; returns the job and its token
         (``token``, else a new one), the only copy of which goes back to the caller."""
         with self._lock:
-            self._check_can_queue(owner.key)
+            self.check_can_queue(owner.key)
             token = token or new_job_token()
             job = Job(
                 name=Path(config.output_dir).name,
@@ -212,7 +212,7 @@ class TrainingJobs:
                 raise JobBusyError(f"run {run_name} is already training or waiting to")
             if run_name not in self.resumable_runs(record.get("owner", "")):
                 raise ValueError(f"run {run_name!r} cannot be resumed (finished, or without a checkpoint)")
-            self._check_can_queue(str(record.get("owner")))
+            self.check_can_queue(str(record.get("owner")))
             job = Job(
                 name=run_name,
                 owner_key=str(record.get("owner")),
@@ -224,7 +224,8 @@ class TrainingJobs:
             self._enqueue(job)
             return job
 
-    def _check_can_queue(self, owner_key: str) -> None:
+    def check_can_queue(self, owner_key: str) -> None:
+        """JobBusyError when ``owner_key`` may not queue a job now (one waiting already, or shutting down)."""
         if self._closed:
             raise JobBusyError("the server is shutting down; try again in a minute")
         waiting = [name for name in self._queue if self._jobs[name].owner_key == owner_key]

@@ -571,9 +571,9 @@ def validations(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     validated: list[object] = []
     original = prepare_module.validate_split
 
-    def counting(source, categories, *, strict=False):
+    def counting(source, categories, **settings):
         validated.append(source)
-        return original(source, categories, strict=strict)
+        return original(source, categories, **settings)
 
     monkeypatch.setattr(prepare_module, "validate_split", counting)
     return validated
