@@ -1,8 +1,8 @@
 """Pushing a COCO dataset folder (``annotations.json`` + ``images/``, e.g. the app's Label-tab dataset) to the Hub.
 
 One commit holds the folder's files and a dataset card (classes, counts, the layout, how to train on it). The repo
-is created private unless asked otherwise. The token is only handed to ``huggingface_hub``: it is never logged,
-never written to disk and never part of an error message (a refusal says what to fix, not what was sent).
+is created private unless asked otherwise. The checks, the commit and the token's handling (only handed to
+``huggingface_hub``: never logged, written to disk or part of an error message) are ``finetune.hub_commit``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from ddetr.checkpoint.hub import looks_like_repo_id
+from finetune.hub_commit import HubPushError, check_push_target, commit_files
+
+__all__ = ["HubPushError", "dataset_card", "push_dataset"]
 
 CARD_TEMPLATE = """---
 task_categories:
@@ -38,10 +40,6 @@ huggingface-cli download {repo_id} --repo-type dataset --local-dir {name}
 python -m finetune --dataset {name} --model SenseTime/deformable-detr --output-dir runs/{name}
 ```
 """
-
-
-class HubPushError(ValueError):
-    """The push was refused or failed; the message says why (without the token)."""
 
 
 def dataset_card(folder: Path, repo_id: str) -> str:
@@ -86,38 +84,21 @@ def push_dataset(
     ``endpoint`` defaults to ``HF_ENDPOINT`` (huggingface.co). Raises ``HubPushError`` for a missing token, a bad
     repo id, a folder that is not a COCO dataset, or a refusal by the Hub.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
     source = Path(folder)
-    if not token or not token.strip():
-        raise HubPushError("a Hugging Face token with write access is needed to push (huggingface.co/settings/tokens)")
-    if not looks_like_repo_id(repo_id) or "/" not in repo_id:
-        raise HubPushError(f"{repo_id!r} is not a repo id: expected 'owner/name'")
+    check_push_target(repo_id, token)  # before the folder is read: the caller's mistake first
     if not (source / "annotations.json").is_file():
         raise HubPushError("nothing to push: the dataset has no annotations.json yet")
-    files = [source / "annotations.json", *_referenced_images(source)]
-    operations = [
-        CommitOperationAdd(path_in_repo=path.relative_to(source).as_posix(), path_or_fileobj=str(path))
-        for path in files
-    ]
-    operations.append(
-        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=dataset_card(source, repo_id).encode("utf-8"))
+    files: dict[str, Path | bytes] = {
+        path.relative_to(source).as_posix(): path for path in [source / "annotations.json", *_referenced_images(source)]
+    }
+    files["README.md"] = dataset_card(source, repo_id).encode("utf-8")
+    commit = commit_files(
+        repo_id,
+        files,
+        repo_type="dataset",
+        token=token,
+        private=private,
+        commit_message="Upload labelled dataset",
+        endpoint=endpoint,
     )
-    # HF_ENDPOINT read now, not when huggingface_hub was imported (a Space, or a test's stand-in, sets it).
-    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT"), token=token.strip())
-    try:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        commit = api.create_commit(
-            repo_id, repo_type="dataset", operations=operations, commit_message="Upload labelled dataset"
-        )
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            raise HubPushError(
-                f"the Hub refused the token ({status}): it needs write access to {repo_id.split('/')[0]}"
-            ) from None
-        raise HubPushError(f"the Hub answered {status} while pushing {repo_id}") from None
-    except Exception as error:  # connection and protocol errors: their text may carry request details
-        raise HubPushError(f"could not push to the Hub ({type(error).__name__})") from None
-    return str(commit.commit_url)
+    return commit.commit_url
