@@ -15,11 +15,15 @@ from finetune.api import resume_config
 from finetune.config import SCHEDULES, TrainConfig
 from finetune.data.augment import AUGMENT_MODES
 from finetune.data.formats import DATASET_FORMATS
+from finetune.hub_commit import HubPushError, check_push_target
 from finetune.presets import PRESETS
+from finetune.run.hub_model import push_model
 from finetune.run.launch import run_training
+from finetune.run.trainer import RunResult
 
 EXIT_DIVERGED = 3
 EXIT_BAD_INPUT = 2
+EXIT_PUSH_FAILED = 4  # the run finished and its model is saved, but the Hub push failed
 
 _EPILOG = """\
 dataset SRC: shapes[:train=N,validation=N,test=N,size=PX] (synthetic); a dataset folder or .zip in COCO (also Roboflow's
@@ -34,6 +38,8 @@ model SRC: a preset ({presets}) trained from scratch, or a checkpoint folder / h
 examples:
   python -m finetune --dataset shapes --model small --output-dir runs/shapes --epochs 30 --batch-size 8
   python -m finetune --resume --output-dir runs/shapes
+  hf auth login   # once (or set HF_TOKEN); then the model is pushed private when the run finishes:
+  python -m finetune --dataset shapes --model small --output-dir runs/shapes --push-to-hub you/ddetr-shapes
   torchrun --nproc_per_node=2 -m finetune --dataset cppe5_dir --model r50 --output-dir runs/cppe5
 """
 
@@ -160,6 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
     )
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+    group = parser.add_argument_group("keeping the model on the Hugging Face Hub")
+    group.add_argument(
+        "--push-to-hub",
+        dest="push_to_hub",
+        metavar="REPO",
+        help="when the run finishes, push model/ (weights and configs), the training curves and a generated model "
+        "card (metrics, data, settings, usage) to the Hub model repo REPO (owner/name) in one commit; a stopped or "
+        "diverged run is not pushed. The token comes from HF_TOKEN or the login of `hf auth login`, never from "
+        "the command line (other users could read it with ps). A finished run is pushed later with --resume "
+        "--output-dir DIR --push-to-hub REPO",
+    )
+    group.add_argument(
+        "--hub-public", dest="hub_public", action="store_true", help="create REPO public (default: private)"
+    )
+    # Refused with a message of its own: argparse's "unrecognized arguments" would echo the token.
+    group.add_argument("--hub-token", dest="hub_token", nargs="?", help=argparse.SUPPRESS)
     return parser
 
 
@@ -177,6 +200,42 @@ def config_from_arguments(arguments: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{key: value for key, value in arguments.items() if key in known})
 
 
+def hub_token(repo_id: str) -> str:
+    """The token for ``--push-to-hub``: ``HF_TOKEN`` or the stored login. Checked, with the repo id, before
+    training starts, so that a typo does not surface only after hours of training."""
+    import huggingface_hub
+
+    token = huggingface_hub.get_token()
+    if not token:
+        raise HubPushError(
+            "--push-to-hub needs a Hugging Face token with write access (huggingface.co/settings/tokens): set "
+            "HF_TOKEN or log in once with `hf auth login`"
+        )
+    return check_push_target(repo_id, token)
+
+
+def _push(result: RunResult, repo_id: str, token: str, public: bool) -> int:
+    """Push a finished run's model (exit status 0) or say why not (the run's own status, or EXIT_PUSH_FAILED)."""
+    again = f"python -m finetune --resume --output-dir {result.output_dir} --push-to-hub {repo_id}"
+    again += " --hub-public" if public else ""
+    if result.state != "finished":
+        print(
+            f"not pushed to {repo_id}: the run {result.state} before the end; resume it with: {again}",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED if result.state == "diverged" else 0
+    try:
+        url = push_model(result.output_dir, repo_id, token=token, private=not public)
+    except HubPushError as error:
+        print(
+            f"error: not pushed to {repo_id}: {error}. The model stays in the run folder; retry: {again}",
+            file=sys.stderr,
+        )
+        return EXIT_PUSH_FAILED
+    print(f"pushed the model to {url} ({'public' if public else 'private'})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = vars(parser.parse_args(argv))
@@ -186,13 +245,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    repo_id, public = arguments.pop("push_to_hub", None), arguments.pop("hub_public", False)
+    if "hub_token" in arguments:
+        refusal = (
+            "error: --hub-token is not accepted: a token on the command line is visible to other users (ps). Set "
+            "HF_TOKEN or log in once with `hf auth login`"
+        )
+        print(refusal, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    token = None
     try:
+        if repo_id is not None:
+            token = hub_token(repo_id)
         config = config_from_arguments(arguments)
         result = run_training(config)
     except (ValueError, FileNotFoundError) as error:
         # Bad settings, data or model sources: a message, not a traceback (a missing checkpoint is FileNotFound).
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if rank == 0:
-        print(result.message)
+    if rank != 0:
+        return EXIT_DIVERGED if result.state == "diverged" else 0
+    print(result.message)
+    if repo_id is not None and token is not None:
+        return _push(result, repo_id, token, public)
     return EXIT_DIVERGED if result.state == "diverged" else 0

@@ -1015,7 +1015,9 @@ _DETECTION_WRITERS: dict[str, Callable[[DetectionSpec, Path], None]] = {
 
 
 class HubStandIn:
-    """Answers the calls ``HfApi.create_repo`` / ``create_commit`` make; every file is uploaded inline ("regular")."""
+    """Answers the calls ``HfApi.create_repo`` / ``create_commit`` make; every file is uploaded inline ("regular").
+    Committed files can be downloaded again (``hf_hub_download``: HEAD and GET of ``/{repo}/resolve/{rev}/{path}``,
+    with the token, since the repos are private)."""
 
     def __init__(self, token: str) -> None:
         import http.server
@@ -1025,6 +1027,7 @@ class HubStandIn:
         self.repos: dict[str, dict] = {}
         self.commits: list[tuple[str, list[dict]]] = []
         self.requests: list[tuple[str, str, str]] = []  # method, path, authorization header
+        self.stored: dict[str, dict[str, bytes]] = {}  # "datasets/owner/name" or "owner/name" (a model) -> files
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -1037,11 +1040,28 @@ class HubStandIn:
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":  # a HEAD answer has headers only
+                    self.wfile.write(body)
+
+            def _resolve(self, method: str) -> None:
+                hub.requests.append((method, self.path, self.headers.get("authorization", "")))
+                repo, _, rest = self.path.partition("/resolve/")
+                content = hub.stored.get(repo.strip("/"), {}).get(rest.partition("/")[2])
+                if self.headers.get("authorization") != f"Bearer {hub.token}" or content is None:
+                    return self._send(404, {"error": "not found"})
+                self.send_response(200)
+                for name, value in (("x-repo-commit", "a" * 40), ("etag", f'"{len(content)}"'),
+                                    ("content-length", str(len(content)))):  # fmt: skip
+                    self.send_header(name, value)
+                self.end_headers()
+                if method == "GET":
+                    self.wfile.write(content)
+
+            def do_HEAD(self) -> None:
+                self._resolve("HEAD")
 
             def do_GET(self) -> None:
-                hub.requests.append(("GET", self.path, self.headers.get("authorization", "")))
-                self._send(404, {"error": "not found"})
+                self._resolve("GET")
 
             def do_POST(self) -> None:
                 data = self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -1052,7 +1072,8 @@ class HubStandIn:
                     body = json.loads(data)
                     name = f"{body.get('organization') or 'tester'}/{body['name']}"
                     hub.repos[name] = body
-                    return self._send(200, {"url": f"{hub.url}/datasets/{name}", "name": name})
+                    prefix = {"dataset": "datasets/", "space": "spaces/"}.get(body.get("type") or "model", "")
+                    return self._send(200, {"url": f"{hub.url}/{prefix}{name}", "name": name})
                 if self.path == "/api/validate-yaml":  # huggingface_hub checks a README's front matter first
                     return self._send(200, {"errors": [], "warnings": []})
                 if "/preupload/" in self.path:
@@ -1062,8 +1083,10 @@ class HubStandIn:
                 if "/commit/" in self.path:
                     lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
                     hub.commits.append((self.path, lines))
-                    repo = self.path.split("/api/datasets/")[-1].split("/commit/")[0]
-                    url = f"{hub.url}/datasets/{repo}/commit/{'a' * 40}"
+                    kind, _, repo = self.path.removeprefix("/api/").split("/commit/")[0].partition("/")
+                    prefix = "" if kind == "models" else f"{kind}/"
+                    hub.stored.setdefault(prefix + repo, {}).update(hub.files())
+                    url = f"{hub.url}/{prefix}{repo}/commit/{'a' * 40}"
                     return self._send(200, {"commitUrl": url, "commitOid": "a" * 40, "success": True})
                 return self._send(404, {"error": "unknown endpoint"})
 
