@@ -20,7 +20,7 @@ from finetune.data.prepare import PreparedData
 from finetune.run.distributed import cleanup_distributed, setup_distributed
 from finetune.run.files import write_status
 from finetune.run.setup import check_run_directory
-from finetune.run.trainer import Record, RunResult, Trainer
+from finetune.run.trainer import NextStep, Record, RunResult, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,11 @@ def run_training(
     stop_event: threading.Event | None = None,
     on_record: Callable[[Record], None] | None = None,
     data: PreparedData | None = None,
+    stop_before: Callable[[NextStep], bool] | None = None,
 ) -> RunResult:
     """Run one training job to its end. ``stop_event`` (checked every step) stops it resumably; ``on_record``
-    receives every metrics record on rank 0 as it is written.
+    receives every metrics record on rank 0 as it is written. ``stop_before`` is asked before every step, with what
+    that step will do (``finetune.run.trainer.NextStep``); True stops the run there, as ``stop_event`` would.
 
     ``data``: the dataset already prepared by ``finetune.data.prepare.prepare_data`` with the config's source,
     ``strict``, ``seed`` and ``validation_fraction``, so that it is not validated again (data prepared otherwise is
@@ -87,6 +89,7 @@ def run_training(
                     stop_event=stop_event,
                     on_record=on_record,
                     data=data,
+                    stop_before=stop_before,
                 )
                 training.set()
                 return trainer.run()

@@ -89,6 +89,22 @@ class RunResult:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class NextStep:
+    """The step a run is about to take and the work that follows it, for ``stop_before`` (a stop policy deciding
+    whether that step still fits a time box: ``finetune.run.slices``). ``step`` is its number (1-based);
+    ``evaluates``: an evaluation of the validation split follows it (an evaluated epoch's end, or the final one);
+    ``saves``: a checkpoint follows it (periodic or final); ``finishes``: it is the last step, after which the model
+    is exported as well. ``evaluation_batches``: how many batches an evaluation takes on this process."""
+
+    step: int
+    total_steps: int
+    evaluates: bool
+    saves: bool
+    finishes: bool
+    evaluation_batches: int
+
+
 class Trainer:
     """One training run: ``__init__`` prepares the data (unless given), the model, optimizer and any checkpoint to
     resume from; ``run`` trains, evaluates, checkpoints and exports.
@@ -100,6 +116,8 @@ class Trainer:
     ``finetune.data.prepare.prepare_data`` with the config's source, ``strict``, ``seed`` and
     ``validation_fraction`` (ValueError otherwise); None prepares it here (under torchrun rank 0 validates and the
     others receive its verdict). Under torchrun every process given ``data`` must be given the same.
+    ``stop_before`` is asked before every step, with what that step will do (``NextStep``): True stops the run
+    there, as ``stop_event`` would (under torchrun the run stops when any process says so).
     """
 
     def __init__(
@@ -111,9 +129,11 @@ class Trainer:
         stop_event: threading.Event | None = None,
         on_record: Callable[[Record], None] | None = None,
         data: PreparedData | None = None,
+        stop_before: Callable[[NextStep], bool] | None = None,
     ) -> None:
         self.context = context
         self.stop_event = stop_event if stop_event is not None else threading.Event()
+        self.stop_before = stop_before
         self.on_record = on_record
         self.output_dir = Path(config.output_dir)
         if data is not None:
@@ -332,6 +352,41 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # The loop
 
+    def _evaluates_after(self, step: int) -> bool:
+        """Whether the loop evaluates after ``step`` (an evaluated epoch's end; the final one is ``_finish``'s)."""
+        eval_every = self.config.eval_every
+        return (
+            step % self.steps_per_epoch == 0
+            and bool(eval_every)
+            and (step // self.steps_per_epoch) % eval_every == 0
+            and step < self.total_steps
+        )
+
+    def _saves_after(self, step: int) -> bool:
+        """Whether the loop writes a periodic checkpoint after ``step`` (the final one is ``_finish``'s)."""
+        return bool(self.config.save_every) and step % self.config.save_every == 0 and step < self.total_steps
+
+    def _next_step(self) -> NextStep:
+        upcoming = self.step + 1
+        finishes = upcoming >= self.total_steps
+        validation = len(self.validation_split) if self.validation_split is not None else 0
+        batch_size = self.config.eval_batch_size or self.config.batch_size
+        # Evaluation is sharded: each process takes every world_size-th image.
+        per_process = math.ceil(validation / self.context.world_size)
+        return NextStep(
+            step=upcoming,
+            total_steps=self.total_steps,
+            evaluates=validation > 0 and (finishes or self._evaluates_after(upcoming)),
+            saves=finishes or self._saves_after(upcoming),
+            finishes=finishes,
+            evaluation_batches=math.ceil(per_process / batch_size),
+        )
+
+    def _stop_requested(self) -> bool:
+        if self.stop_event.is_set():
+            return True
+        return self.stop_before is not None and self.stop_before(self._next_step())
+
     def _loader(self, epoch: int, start_batch: int) -> Iterator[Any]:
         sampler = ResumableBatchSampler(
             dataset_size=len(self.train_split),
@@ -373,7 +428,7 @@ class Trainer:
                 for _ in range(in_epoch, self.steps_per_epoch):
                     if self.step >= self.total_steps:
                         break
-                    if any_process(self.stop_event.is_set(), self.context):
+                    if any_process(self._stop_requested(), self.context):
                         return self._stop(progress)
                     micro_batches = [next(batches).to(self.device) for _ in range(accumulation)]
                     outcome = train_step(
@@ -399,15 +454,9 @@ class Trainer:
                         progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}")
                     if self.step % config.log_every == 0 or self.step == self.total_steps:
                         self._log_training()
-                    epoch_done = self.step % self.steps_per_epoch == 0
-                    if (
-                        epoch_done
-                        and config.eval_every
-                        and (self.step // self.steps_per_epoch) % config.eval_every == 0
-                        and self.step < self.total_steps
-                    ):
+                    if self._evaluates_after(self.step):
                         self._evaluate_and_log()
-                    if config.save_every and self.step % config.save_every == 0 and self.step < self.total_steps:
+                    if self._saves_after(self.step):
                         self._save()
             return self._finish(progress)
         finally:
