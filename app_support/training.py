@@ -23,6 +23,7 @@ import ddetr
 from ddetr.boxes import box_xywh_to_xyxy
 from finetune.api import CheckBudget, CheckBudgetExceeded, prepare_dataset
 from finetune.config import TrainConfig
+from finetune.data.formats.paths import OUTSIDE_HINT, OutsidePathError
 from finetune.data.prepare import PreparedData
 from finetune.data.validation import format_reports
 from finetune.presets import PRESETS
@@ -34,6 +35,7 @@ PREDICTION_THRESHOLD = 0.3
 # A visitor's Check/Start validates in the server: bounded, so that no dataset holds a worker for minutes. (The
 # training child validates again for itself, unbounded: it has its own process.)
 CHECK_BUDGET = CheckBudget(max_images=50_000, max_seconds=60.0)
+APP_OUTSIDE_HINT = "a dataset on this server must keep all its files inside its zip or folder"
 PREVIEW_CACHE = 4  # checkpoint detectors kept loaded (one per recently polled job)
 
 # Where the app trains differently from ``python -m finetune`` (everything else is ``TrainConfig``'s default): a
@@ -63,6 +65,9 @@ def prepare_for_app(config: TrainConfig, description: str) -> PreparedData:
     ValueError if nothing is left to train on."""
     try:
         prepared = prepare_dataset(config, budget=CHECK_BUDGET)
+    except OutsidePathError as error:
+        # The engine's advice is for someone training on their own machine; a visitor cannot switch it off here.
+        raise ValueError(str(error).replace(OUTSIDE_HINT, APP_OUTSIDE_HINT)) from None
     except CheckBudgetExceeded as error:
         raise ValueError(
             f"{description}: {error}; this server checks datasets of up to {CHECK_BUDGET.max_images} images in "

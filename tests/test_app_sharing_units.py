@@ -912,7 +912,8 @@ def test_an_uploaded_hf_dataset_naming_a_file_outside_is_refused_unread_and_dele
     with pytest.raises(gr.Error) as refused:
         tab.check_dataset(*form(kind="upload", upload=str(archive)), visitor, request=page("page"))
     message = str(refused.value)
-    assert "outside the dataset folder" in message and "--allow-outside-files" in message, message
+    assert "outside the dataset folder" in message and "must keep all its files inside" in message, message
+    assert "--allow-outside-files" not in message  # the server never allows it: no advice a visitor cannot follow
     assert str(tmp_path) not in message  # no server paths in what the visitor sees
     assert within(opened, secret.parent) == []
     assert opened, "the recorder saw nothing at all"  # the check did open the upload's own files
