@@ -135,10 +135,9 @@ class DetectTab:
         choice = self.registry.pick(model_key, self.identities.owner_key(visitor, profile))
         detector = self.detectors.get(choice)
         picture = detector.processor.load_image(image_path)
-        with self.detectors.inference_lock:
-            started = time.perf_counter()
-            (candidates,) = detector.candidates([picture], size=int(shortest_edge) if shortest_edge else None)
-            seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        (candidates,) = self.detectors.candidates(choice, [picture], size=int(shortest_edge) if shortest_edge else None)
+        seconds = time.perf_counter() - started
         display, scale = display_copy(picture)
         summary = f"{choice.label}, {detector.precision.name}"
         view = DetectionView(candidates, display, scale, dict(detector.model.config.id2label), seconds, summary)
@@ -180,9 +179,7 @@ class DetectTab:
         if not image_path:
             raise ValueError("no image was given")
         choice = self.registry.pick(model)
-        detector = self.detectors.get(choice)
-        with self.detectors.inference_lock:
-            (candidates,) = detector.candidates([image_path])
+        (candidates,) = self.detectors.candidates(choice, [image_path])
         return candidates.detections(threshold, int(max_detections))
 
     # -- layout ------------------------------------------------------------------------------------------------- #

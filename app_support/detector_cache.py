@@ -5,19 +5,31 @@ first), and loads are serialised: two visitors picking the same model at once lo
 one forward pass run at a time whichever mode asks (image, webcam, video): on a 2-core Space parallel passes only
 thrash, and each mode's own queue slot stays free for its next visitor. A model directory that
 is rewritten (a fine-tuning run that was resumed) is detected by its weights' modification time and reloaded.
+
+Every mode's forward pass goes through ``DetectorCache.candidates``: on a ZeroGPU Space that is a ``spaces.GPU``
+call (``zerogpu.gpu``), run in a forked child with pickled arguments. So the call takes the model by its choice (a
+small frozen dataclass) and images, finds the cache by a number (the fork copies the cache and its loaded, CUDA
+placed models), and returns the candidates as numpy arrays. Off ZeroGPU the same function runs in-process.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import ddetr
 from app_support.errors import UserFacingError
 from app_support.model_choices import ModelChoice
+from app_support.zerogpu import gpu, on_zerogpu
 from ddetr.checkpoint.default_model import WEIGHT_FILES
+from ddetr.pipeline import Candidates
+
+# The time box of one image's (or webcam frame's) forward pass on ZeroGPU, loading the model included.
+IMAGE_GPU_SECONDS = 30
 
 Detector = ddetr.ObjectDetectionPipeline
 Loader = Callable[[str], Detector]
@@ -28,8 +40,9 @@ class ModelLoadError(UserFacingError):
 
 
 def load_detector(source: str, precision: str = "auto") -> Detector:
-    """The app's detector: bf16 where the CPU or GPU computes it natively (``"auto"``), else fp32."""
-    return ddetr.pipeline(model=source, precision=precision)
+    """The app's detector: bf16 where the CPU or GPU computes it natively (``"auto"``), else fp32. On ZeroGPU the
+    model goes to ``cuda`` when it is loaded, in the main process, as ZeroGPU asks (it emulates CUDA there)."""
+    return ddetr.pipeline(model=source, precision=precision, device="cuda" if on_zerogpu() else None)
 
 
 def _version(choice: ModelChoice) -> float:
@@ -53,6 +66,7 @@ class DetectorCache:
         self._loaded: OrderedDict[tuple[str, float], Detector] = OrderedDict()
         self._load_locks: dict[str, threading.Lock] = {}
         self.inference_lock = threading.Lock()
+        _CACHES[self.cache_id] = self
 
     def get(self, choice: ModelChoice) -> Detector:
         cache_key = (choice.source, _version(choice))
@@ -85,6 +99,31 @@ class DetectorCache:
             self._loaded.move_to_end(cache_key)
         return detector
 
+    @property
+    def cache_id(self) -> int:
+        """This cache's number for GPU calls (``cache_by_id``): what they are given instead of the cache."""
+        return id(self)
+
+    def candidates(self, choice: ModelChoice, images: Sequence[Any], *, size: int | None = None) -> list[Candidates]:
+        """``choice``'s candidates for ``images`` (one forward pass at a time, on the GPU call when on ZeroGPU)."""
+        return _forward(self.cache_id, choice, list(images), size)
+
     def loaded_sources(self) -> list[str]:
         with self._lock:
             return [source for source, _ in self._loaded]
+
+
+# Caches by id, for the GPU function: a number pickles, a cache (locks, models) need not.
+_CACHES: weakref.WeakValueDictionary[int, DetectorCache] = weakref.WeakValueDictionary()
+
+
+def cache_by_id(cache_id: int) -> DetectorCache:
+    return _CACHES[cache_id]
+
+
+@gpu(duration=IMAGE_GPU_SECONDS)
+def _forward(cache_id: int, choice: ModelChoice, images: list[Any], size: int | None) -> list[Candidates]:
+    cache = cache_by_id(cache_id)
+    detector = cache.get(choice)
+    with cache.inference_lock:
+        return detector.candidates(images, size=size)

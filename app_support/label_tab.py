@@ -185,11 +185,12 @@ class LabelTab:
             (run_name, step), checkpoint = found
             detector = self.previews.detector((run_name, step), job.directory, checkpoint)
             source = f"run {run_name} at step {step}"
+            with self.detectors.inference_lock:  # a checkpoint's detector is not in the cache: in this process
+                (candidates,) = detector.candidates([store.image_path(index)])
         else:
             choice = self.registry.pick(model_key, owner.key if owner is not None else None)
-            detector, source = self.detectors.get(choice), choice.label
-        with self.detectors.inference_lock:
-            (candidates,) = detector.candidates([store.image_path(index)])
+            (candidates,) = self.detectors.candidates(choice, [store.image_path(index)])
+            source = choice.label
         by_name = {name.lower(): name for name in store.classes}
         boxes = [
             {"label": by_name[d["label"].lower()], **d["box"]}

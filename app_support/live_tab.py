@@ -104,10 +104,9 @@ class LiveTab:
             classes=tuple(classes or ()),
             size=int(shortest_edge) if shortest_edge else None,
         )
-        with self.detectors.inference_lock:
-            started = time.perf_counter()
-            (candidates,) = detector.candidates([picture], size=settings.size)
-            model_ms = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        (candidates,) = self.detectors.candidates(choice, [picture], size=settings.size)
+        model_ms = (time.perf_counter() - started) * 1000
         detections = session.tracker.detections(candidates, settings)
         annotated = draw_detections(picture, detections, id2label=detector.model.config.id2label)
         session.answered.append(time.perf_counter())

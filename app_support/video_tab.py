@@ -12,21 +12,29 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from app_support.detect_controls import DEFAULT_THRESHOLD, DetectControls
-from app_support.detector_cache import DetectorCache
+from app_support.detector_cache import DetectorCache, cache_by_id
 from app_support.downloads import DownloadFolder
 from app_support.errors import user_errors
-from app_support.model_choices import ModelRegistry
+from app_support.model_choices import ModelChoice, ModelRegistry
 from app_support.owners import Identities
+from app_support.zerogpu import gpu, on_zerogpu
 from ddetr.video import AnnotatedVideo, DetectionSettings, VideoLimits, VideoProgress, annotate_video, describe_counts
+from ddetr.video.reader import VideoReader
 
 VIDEO_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v"]
 UPDATE_EVERY = 0.5  # seconds between page updates while a video is processed
 OUTPUT_NAME = "video"  # outputs never carry the visitor's file name
+# A video's time box on ZeroGPU: loading plus a per-frame allowance well above a GPU's forward pass, and the most
+# a PRO visitor's call may take.
+GPU_SETUP_SECONDS = 30
+GPU_SECONDS_PER_FRAME = 0.25
+GPU_MAX_SECONDS = 20 * 60
 
 
 @dataclass(frozen=True)
@@ -96,19 +104,17 @@ class VideoTab:
         cancel: threading.Event | None,
     ) -> Iterator[VideoProgress]:
         choice = self.registry.pick(model_key, owner_key)
-        detector = self.detectors.get(choice)
-        return annotate_video(
-            detector,
-            video_path,
-            self.outputs.new_folder(),
-            settings,
+        job = VideoJob(
+            video_path=str(video_path),
+            folder=str(self.outputs.new_folder()),
+            settings=settings,
             batch_size=self.settings.batch_size,
             stride=stride,
             limits=self.settings.limits(),
-            cancel=cancel,
-            name=OUTPUT_NAME,
-            forward_lock=self.detectors.inference_lock,
         )
+        if on_zerogpu():  # the whole video in one GPU call, sized from its frame count; Cancel is Gradio's there
+            return _annotate_on_gpu(self.detectors.cache_id, choice, job)
+        return _annotate(self.detectors, choice, job, cancel)
 
     @user_errors
     def process(
@@ -237,3 +243,48 @@ class VideoTab:
             concurrency_id="video",
             concurrency_limit=1,
         )
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One video to annotate, in plain values: on ZeroGPU it is pickled into the GPU call."""
+
+    video_path: str
+    folder: str
+    settings: DetectionSettings
+    batch_size: int
+    stride: int
+    limits: VideoLimits
+
+
+def _annotate(
+    detectors: DetectorCache, choice: ModelChoice, job: VideoJob, cancel: threading.Event | None
+) -> Iterator[VideoProgress]:
+    return annotate_video(
+        detectors.get(choice),
+        job.video_path,
+        Path(job.folder),
+        job.settings,
+        batch_size=job.batch_size,
+        stride=job.stride,
+        limits=job.limits,
+        cancel=cancel,
+        name=OUTPUT_NAME,
+        forward_lock=detectors.inference_lock,
+    )
+
+
+def video_gpu_seconds(cache_id: int, choice: ModelChoice, job: VideoJob) -> int:
+    """The GPU call's time box for ``job``: its frames at a conservative rate, plus loading (at most 20 min)."""
+    try:
+        with VideoReader(job.video_path, limits=job.limits, stride=job.stride) as reader:
+            frames = reader.info.frames_after_stride(job.stride) or job.limits.max_frames or 0
+    except ValueError:  # refused: the call itself reports why, quickly
+        frames = 0
+    return int(min(GPU_SETUP_SECONDS + frames * GPU_SECONDS_PER_FRAME, GPU_MAX_SECONDS))
+
+
+@gpu(duration=video_gpu_seconds)
+def _annotate_on_gpu(cache_id: int, choice: ModelChoice, job: VideoJob) -> Iterator[VideoProgress]:
+    cache = cache_by_id(cache_id)
+    yield from _annotate(cache, choice, job, None)
