@@ -33,10 +33,12 @@ from app_support.live_tab import LiveSettings, LiveTab
 from app_support.model_choices import ModelRegistry
 from app_support.owners import ADMIN_TOKEN_ENV, Identities
 from app_support.paths import REPO_ROOT, AppPaths
+from app_support.slice_jobs import SliceRun
 from app_support.training import CheckpointPreviews
 from app_support.uploads import UploadStore
 from app_support.video_tab import VideoSettings, VideoTab
 from app_support.visitors import Visitors
+from app_support.zerogpu import on_zerogpu
 from ddetr.runtime.allocator import keep_freed_memory
 from ddetr.runtime.precision import PRECISIONS
 from ddetr.runtime.threads import configure_threads
@@ -44,6 +46,7 @@ from ddetr.runtime.threads import configure_threads
 TITLE = "Deformable DETR: detect and fine-tune"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SHUTDOWN_GRACE_S = 60.0  # how long a training job may take to save its checkpoint when the server stops
+TRAINING_MODES = ("auto", "process", "slices")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class AppConfig:
     admin_token: str | None = None  # stops any visitor's job (else DDETR_ADMIN_TOKEN, or the Space's author)
     # "Sign in with Hugging Face" (visitors are then their login): None = when the Space has OAuth (hf_oauth: true).
     login: bool | None = None
+    # How jobs train: "process" (a child process, one at a time), "slices" (GPU slices driven by the owner's page,
+    # as on ZeroGPU) or "auto" (slices on a ZeroGPU Space, else a process).
+    training: str = "auto"
     live: LiveSettings = field(default_factory=LiveSettings)
     video: VideoSettings = field(default_factory=VideoSettings)
 
@@ -106,7 +112,10 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppServer]:
     )
     visitors = Visitors(paths.labels)
     identities = Identities.from_environment(visitors, admin_token=config.admin_token)
-    jobs = TrainingJobs(paths.runs)
+    if config.training not in TRAINING_MODES:
+        raise ValueError(f"training must be one of {TRAINING_MODES}, got {config.training!r}")
+    slices = config.training == "slices" or (config.training == "auto" and on_zerogpu())
+    jobs = TrainingJobs(paths.runs, launcher=SliceRun, max_running=8) if slices else TrainingJobs(paths.runs)
     uploads = UploadStore(paths.scratch("uploads"))
     previews = CheckpointPreviews()
     registry = ModelRegistry(paths.models, cli_model=config.model, finetuned=jobs.finished_models)
@@ -144,6 +153,8 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppServer]:
             uploads=uploads,
             previews=previews,
             labelled_folder=labelled_folder,
+            slices=slices,
+            login_required=on_zerogpu(),
         )
     )
 
@@ -242,6 +253,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     video = parser.add_argument_group("video files (Detect tab, Video mode, and /detect_video)")
     _settings_flags(video, "--video-", VideoSettings(), VIDEO_FLAGS)
     parser.add_argument(
+        "--training",
+        choices=TRAINING_MODES,
+        default="auto",
+        help="how fine-tuning jobs run: in a child process one at a time, or in GPU slices driven by the owner's "
+        "page as on ZeroGPU (default auto: slices on a ZeroGPU Space, else a process)",
+    )
+    parser.add_argument(
         "--admin-token",
         help=f"a secret that stops any visitor's job when given as the token (default: ${ADMIN_TOKEN_ENV})",
     )
@@ -311,6 +329,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         labels_dir=args.labels_dir,
         precision=args.precision,
         admin_token=args.admin_token,
+        training=args.training,
         live=LiveSettings(**live, mirror=not args.no_mirror_webcam),
         video=VideoSettings(**video),
     )

@@ -20,7 +20,7 @@ import asyncio
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from app_support.model_choices import ModelRegistry
 from app_support.owners import Identities, Owner, owner_of_job_token
 from app_support.paths import AppPaths
 from app_support.session_limits import RateLimit, SessionLimits, session_key
+from app_support.slice_jobs import SliceRun
 from app_support.training import (
     APP_TRAINING_DEFAULTS,
     CheckpointPreviews,
@@ -103,6 +104,10 @@ class FinetuneServices:
     uploads: UploadStore
     previews: CheckpointPreviews
     labelled_folder: Callable[[str | None], Path | None] = lambda token: None
+    # ZeroGPU: jobs train in GPU slices driven by their owner's page (``slice_jobs``), and only for a signed-in
+    # owner, whose quota pays for them.
+    slices: bool = False
+    login_required: bool = False
 
 
 class FinetuneTab:
@@ -230,6 +235,11 @@ class FinetuneTab:
     ) -> dict[str, Any]:
         """Validate the dataset and queue a training job owned by the requester; returns the run's name, the token
         that controls it, and its place in line."""
+        if self.services.login_required and getattr(profile, "username", None) is None:
+            raise ValueError(
+                "sign in with Hugging Face to fine-tune here: training on this ZeroGPU Space uses your account's "
+                "daily GPU quota"
+            )
         owner = self._owner(visitor, profile)
         token = None
         if owner is None:  # an API client: the job's own token is its owner
@@ -291,6 +301,26 @@ class FinetuneTab:
         if snapshot.place_in_line:
             return f"run {job.name} resumes when it is its turn (place {snapshot.place_in_line} in line)"
         return f"run {job.name} resumed"
+
+    def train_slices(self, visitor: str | None = None, profile: gr.OAuthProfile | None = None) -> Iterator[str]:
+        """ZeroGPU: train the owner's job slice after slice in this event (so the GPU time is charged to them)
+        while the page is open; yields a line per slice for the notice."""
+        if not self.services.slices:
+            return
+        job = self.jobs.latest_job(self._owner(visitor, profile))
+        run = job.run if job is not None else None
+        if not isinstance(run, SliceRun):
+            return
+        try:
+            for result in run.drive():
+                yield (
+                    f"slice {run.slices}: step {result.step} / {result.total_steps}, "
+                    f"{run.gpu_seconds / 60:.1f} min of GPU used"
+                )
+        except ValueError as error:
+            yield str(error)
+            return
+        yield run.message or f"run {job.name if job else ''}: {run.state}"
 
     # -- reporting ---------------------------------------------------------------------------------------------- #
 
@@ -567,12 +597,17 @@ class FinetuneTab:
         with gr.Row(visible=False):
             job_token = gr.Textbox("", label="job token", elem_id="finetune-token")
             started = gr.JSON(label="started")
+        slices = {"concurrency_id": "finetune_slices", "concurrency_limit": None, **private}
         start.click(
             self.start, [*dataset_inputs, *settings_inputs, visitor], started, **control, api_name="finetune_start"
-        ).then(_started_notice, started, notice, queue=False, **private, api_name="ui_started_notice")
+        ).then(_started_notice, started, notice, queue=False, **private, api_name="ui_started_notice").then(
+            self.train_slices, visitor, notice, api_name="ui_train_slices", **slices
+        )
         # Unqueued: Stop answers however full the queue is.
         stop.click(self.stop, [job_token, visitor], notice, queue=False, api_name="finetune_stop")
-        resume.click(self.resume, [resumable, job_token, visitor], notice, queue=False, api_name="finetune_resume")
+        resume.click(
+            self.resume, [resumable, job_token, visitor], notice, queue=False, api_name="finetune_resume"
+        ).then(self.train_slices, visitor, notice, api_name="ui_resume_slices", **slices)
         poll_outputs = [status, loss_plot, map_plot, metrics, predictions, use, download, resumable, version]
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(self.refresh, [version, visitor], poll_outputs, show_progress="hidden", queue=False, **private)

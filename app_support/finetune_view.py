@@ -14,6 +14,7 @@ import pandas as pd
 
 from app_support.jobs import JobSnapshot
 from app_support.paths import AppPaths
+from app_support.slice_jobs import SLICE_SECONDS
 
 LOSS_SERIES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
 MAP_SERIES = ("map", "map_50", "map_75")
@@ -77,6 +78,12 @@ def status_html(snapshot: JobSnapshot, paths: AppPaths, summary: dict[str, Any])
         details.append(f"loss {train[-1]['loss']:.3f}")
     if snapshot.active and speed:
         details.append(f"{speed:.2f} steps/s, {_minutes(snapshot.eta_seconds())}")
+    if snapshot.slices:
+        eta = snapshot.eta_seconds()
+        left = f", about {math.ceil(eta / SLICE_SECONDS)} more" if eta else ""
+        details.append(
+            f"{snapshot.slices} GPU slices{left}; {snapshot.gpu_seconds / 60:.1f} min of your daily GPU quota used"
+        )
     if snapshot.message:
         details.append(html.escape(paths.redact(snapshot.message)).replace("\n", "<br>"))
     return (

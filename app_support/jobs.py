@@ -95,6 +95,8 @@ class JobSnapshot:
     records: list[dict[str, Any]] = field(default_factory=list)
     model_dir: Path | None = None
     place_in_line: int = 0  # 1: next to start; 0: not waiting
+    slices: int = 0  # on ZeroGPU: GPU calls made, and the GPU time they took (charged to the owner's quota)
+    gpu_seconds: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -148,16 +150,20 @@ def read_job_file(directory: Path) -> dict[str, Any] | None:
 
 
 class TrainingJobs:
-    """Owned training jobs under ``runs_root``: one trains at a time, the rest wait in line."""
+    """Owned training jobs under ``runs_root``: ``max_running`` train at a time (one: a CPU server's cores are
+    shared; on ZeroGPU each call gets its own GPU), the rest wait in line."""
 
-    def __init__(self, runs_root: Path, *, launcher: Launcher | None = None) -> None:
+    def __init__(self, runs_root: Path, *, launcher: Launcher | None = None, max_running: int = 1) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be at least 1, got {max_running}")
         self.runs_root = Path(runs_root)
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self._launch = launcher if launcher is not None else process_launcher()
+        self.max_running = max_running
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}  # every job this server has queued or run, by run name
         self._queue: list[str] = []
-        self._current: str | None = None
+        self._running: list[str] = []  # started, oldest first (kept until they end)
         self._closed = False
         self._wake = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="training-jobs", daemon=True)
@@ -255,20 +261,25 @@ class TrainingJobs:
 
     def _start_next(self) -> None:
         with self._lock:
-            current = self._jobs.get(self._current) if self._current else None
-            if current is not None and current.run is not None and not current.run.done:
-                return
-            if self._closed or not self._queue:
-                self._current = None if current is None or current.run is None else self._current
-                return
-            job = self._jobs[self._queue.pop(0)]
-            self._current = job.name
-            job.cached = None
-            try:
-                job.run = self._launch(job.config)
-            except Exception as error:  # the launcher could not even start the child: the job fails, the server stays
-                logger.exception("could not start training run %s", job.name)
-                job.run = _FailedToStart(f"{type(error).__name__}: {error}")
+            self._running = [name for name in self._running if self._is_running(self._jobs[name])]
+            while not self._closed and self._queue and len(self._running) < self.max_running:
+                job = self._jobs[self._queue.pop(0)]
+                self._running.append(job.name)
+                job.cached = None
+                try:
+                    job.run = self._launch(job.config)
+                except Exception as error:  # the launcher failed to start it: the job fails, the server stays
+                    logger.exception("could not start training run %s", job.name)
+                    job.run = _FailedToStart(f"{type(error).__name__}: {error}")
+
+    @staticmethod
+    def _is_running(job: Job) -> bool:
+        return job.run is not None and not job.run.done
+
+    def _newest_running(self) -> Job | None:
+        with self._lock:
+            running = [self._jobs[name] for name in self._running if self._is_running(self._jobs[name])]
+        return running[-1] if running else None
 
     def _watch(self) -> None:
         while not self._closed:
@@ -297,9 +308,7 @@ class TrainingJobs:
         training one stops after its current step with a checkpoint. Returns the run's name, None if none was
         active; NotYourJobError when a token was given that controls no active job."""
         with self._lock:
-            candidates = [self._jobs[name] for name in self._queue]
-            if self._current is not None:
-                candidates.insert(0, self._jobs[self._current])
+            candidates = [self._jobs[name] for name in [*self._running, *self._queue]]
             active = [job for job in candidates if self._is_active(job)]
             if admin:
                 mine = active[:1]
@@ -326,8 +335,9 @@ class TrainingJobs:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                busy = bool(self._queue) or any(job.run is not None and not job.run.done for job in self._jobs.values())
-                running = self._jobs[self._current].run if self._current else None
+                busy = bool(self._queue) or any(self._is_running(job) for job in self._jobs.values())
+                newest = self._newest_running()
+                running = newest.run if newest is not None else None
             if not busy:
                 return
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -411,14 +421,17 @@ class TrainingJobs:
         if state == "failed":
             tail = run.log_tail(8).strip()
             message = (run.error or "the training process failed") + (f"\n{tail}" if tail else "")
+        elif state == "waiting":
+            message = run.log_tail(1)
         model_dir = job.directory / MODEL_DIR if state == "finished" else None
-        return JobSnapshot(job.name, state, step, max(total, step), message, records, model_dir)
+        slices, gpu_seconds = int(getattr(run, "slices", 0)), float(getattr(run, "gpu_seconds", 0.0))
+        return JobSnapshot(job.name, state, step, max(total, step), message, records, model_dir, 0, slices, gpu_seconds)
 
     def public_summary(self) -> dict[str, Any]:
         """What anyone may know: whether the server trains, how far and how long, how many wait. No names, paths,
         images or metrics."""
         with self._lock:
-            current = self._jobs.get(self._current) if self._current else None
+            current = self._newest_running()
             waiting = len(self._queue)
         snapshot = self.snapshot(current) if current is not None else JobSnapshot(None, "idle")
         busy = snapshot.state in ("pending", "running")
