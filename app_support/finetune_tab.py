@@ -58,6 +58,7 @@ from app_support.uploads import UploadStore
 from ddetr.drawing import draw_detections
 from ddetr.export import ExportError, export_onnx
 from finetune.data.prepare import PreparedData
+from finetune.run.hub_model import push_model
 from finetune.run.setup import data_settings
 
 POLL_SECONDS = 2.0
@@ -414,6 +415,30 @@ class FinetuneTab:
         return gr.update(choices=self.registry.dropdown_choices(owner_key), value=key), gr.Tabs(selected="detect")
 
     @user_errors
+    def push_to_hub(
+        self,
+        repo_id: str,
+        pasted_token: str,
+        private: bool,
+        visitor: str | None = None,
+        profile: gr.OAuthProfile | None = None,
+        oauth_token: gr.OAuthToken | None = None,
+    ) -> tuple[str, str]:
+        """Push the owner's finished model to the Hub with their login's token (write scope) or a pasted one, used
+        once: returns the result and an empty token field (the pasted token leaves the page)."""
+        name, _ = self._finished(visitor, profile)
+        repo = (repo_id or "").strip()
+        username = getattr(profile, "username", None)
+        if repo and "/" not in repo and username:  # a bare name goes to the signed-in visitor's namespace
+            repo = f"{username}/{repo}"
+        token = (pasted_token or "").strip() or (oauth_token.token if oauth_token is not None else None)
+        job = self._own_job(visitor, profile)
+        if job is None:
+            raise ValueError("your last training job has not finished, so it has no model yet")
+        url = push_model(job.directory, repo, token=token, private=bool(private))
+        return f"Pushed run {name} to [{repo}]({url}) ({'private' if private else 'public'}).", ""
+
+    @user_errors
     def status_json(self, request: gr.Request | None = None) -> dict[str, Any]:
         """The public summary (cached, rate-limited per session): anyone may know whether the server trains."""
         self.status_rate.check(request)
@@ -571,6 +596,21 @@ class FinetuneTab:
                 visible=False,
                 elem_id="download-onnx-file",
             )
+        with gr.Accordion("Push the finished model to the Hugging Face Hub", open=False):
+            with gr.Row():
+                push_repo = gr.Textbox(
+                    label="Model repo (owner/name; a bare name goes to your account when signed in)",
+                    placeholder="your-name/my-detector",
+                    elem_id="push-model-repo",
+                )
+                push_token = gr.Textbox(
+                    label="Token with write access (used once, never stored; empty: your sign-in's)",
+                    type="password",
+                    elem_id="push-model-token",
+                )
+                push_private = gr.Checkbox(True, label="Private", elem_id="push-model-private")
+            push = gr.Button("Push to Hub", elem_id="push-model")
+            push_result = gr.Markdown(elem_id="push-model-result")
         version = gr.State(None)
 
         groups = {
@@ -624,6 +664,16 @@ class FinetuneTab:
             concurrency_limit=1,
             **private,
             api_name="ui_download_onnx",
+        )
+
+        push.click(
+            self.push_to_hub,
+            [push_repo, push_token, push_private, visitor],
+            [push_result, push_token],
+            concurrency_id="hub_push",
+            concurrency_limit=2,
+            **private,
+            api_name="ui_push_model",
         )
 
         with gr.Row(visible=False):

@@ -494,3 +494,28 @@ def test_checks_in_the_server_are_bounded(tab: FinetuneTab, visitor: str, monkey
         with pytest.raises(gr.Error, match=r"more than 10 images.*checks datasets of up to 10 images"):
             action()
     assert own_snapshot(tab, visitor).state == "idle"
+
+
+def test_push_to_hub_sends_the_owners_finished_model_only(tab: FinetuneTab, visitor: str, hub_standin, caplog):
+    secret = hub_standin.token
+    with pytest.raises(gr.Error, match="has not finished"):
+        tab.push_to_hub("tester/mine", secret, True, visitor)
+    tab.start(*start_args(visitor, max_steps=2))
+    tab.jobs.wait(120)
+    wait_for(lambda: own_snapshot(tab, visitor).state == "finished", timeout=10)
+    with pytest.raises(gr.Error, match="token"):
+        tab.push_to_hub("tester/mine", "", True, visitor)  # no pasted token, not signed in
+    assert hub_standin.requests == []
+    message, cleared = tab.push_to_hub("tester/mine", secret, True, visitor)
+    assert "Pushed run" in message and "private" in message and cleared == ""
+    assert hub_standin.repos["tester/mine"]["visibility"] == "private"
+    pushed = hub_standin.stored["tester/mine"]
+    model_dir = own_snapshot(tab, visitor).model_dir
+    assert model_dir is not None and pushed["model.safetensors"] == (model_dir / "model.safetensors").read_bytes()
+    assert "pipeline_tag: object-detection" in pushed["README.md"].decode()
+    # Another visitor has no finished model here, whatever they name.
+    other, _ = tab.identities.visitors.claim(None)
+    with pytest.raises(gr.Error, match="has not finished"):
+        tab.push_to_hub("tester/theirs", secret, True, other)
+    assert "tester/theirs" not in hub_standin.repos
+    assert secret not in caplog.text
