@@ -11,6 +11,7 @@ shared by all visitors through the ``DetectorCache``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,19 @@ import gradio as gr
 import PIL.Image
 
 from app_support.detect_controls import DEFAULT_MAX_DETECTIONS, DEFAULT_THRESHOLD, build_filters
-from app_support.detector_cache import Detector, DetectorCache
+from app_support.detector_cache import Detector, DetectorCache, ModelLoadError
 from app_support.downloads import DownloadFolder
 from app_support.errors import user_errors
 from app_support.live_tab import LiveTab
-from app_support.model_choices import ModelChoice, ModelRegistry, NoModelAvailableError
+from app_support.model_choices import (
+    HubModelError,
+    ModelChoice,
+    ModelRegistry,
+    NoModelAvailableError,
+    check_hub_model_id,
+    fetch_hub_model,
+    hub_model_choice,
+)
 from app_support.owners import Identities
 from app_support.video_tab import VideoTab
 from ddetr.drawing import display_copy, draw_detections
@@ -31,6 +40,8 @@ from ddetr.pipeline import Candidates, Detection
 
 TABLE_HEADERS = ["label", "score", "xmin", "ymin", "xmax", "ymax"]
 INFERENCE_GROUP = "inference"  # one forward pass at a time: on a 2-core Space, parallel passes only thrash
+# (repo id, the visitor's token or None) -> the downloaded model folder; ``fetch_hub_model`` unless a test says else.
+HubFetcher = Callable[[str, str | None], Path]
 
 
 @dataclass
@@ -78,12 +89,19 @@ def class_names(detector: Detector) -> list[str]:
 
 class DetectTab:
     def __init__(
-        self, registry: ModelRegistry, detectors: DetectorCache, downloads: DownloadFolder, identities: Identities
+        self,
+        registry: ModelRegistry,
+        detectors: DetectorCache,
+        downloads: DownloadFolder,
+        identities: Identities,
+        *,
+        fetch_hub: HubFetcher = fetch_hub_model,
     ) -> None:
         self.registry = registry
         self.identities = identities
         self.detectors = detectors
         self.downloads = downloads
+        self.fetch_hub = fetch_hub
 
     # -- event handlers ----------------------------------------------------------------------------------------- #
 
@@ -101,6 +119,32 @@ class DetectTab:
         choices = self.registry.dropdown_choices(self.identities.owner_key(visitor, profile))
         keys = [key for _, key in choices]
         return gr.update(choices=choices, value=current if current in keys else self.default_key())
+
+    @user_errors
+    def add_hub_model(
+        self,
+        repo_id: str | None,
+        visitor: str | None = None,
+        profile: gr.OAuthProfile | None = None,
+        token: gr.OAuthToken | None = None,
+    ) -> Any:
+        """Download the hub model ``repo_id`` (with the visitor's login token when signed in, so their private repos
+        work), check that it loads, list it for this visitor only and select it in the picker."""
+        owner_key = self.identities.owner_key(visitor, profile)
+        if owner_key is None:  # an API client: nobody the model could be listed for
+            raise HubModelError("adding a hub model needs a browser session or a Hugging Face login")
+        repo = check_hub_model_id(repo_id)  # before any request: nothing typed becomes a URL path or a local one
+        folder = self.fetch_hub(repo, token.token if token is not None else None)
+        choice = hub_model_choice(repo, folder)
+        try:
+            # Loaded before it is listed: a model that does not load is never offered (and the picker's load of it
+            # right after is instant, from the cache).
+            self.detectors.get(choice)
+        except ModelLoadError as error:
+            reason = error.__cause__ or error
+            raise HubModelError(f"{repo} is not a Deformable DETR model this app can load: {reason}") from None
+        self.registry.add_hub_model(owner_key, repo, folder)
+        return gr.update(choices=self.registry.dropdown_choices(owner_key), value=choice.key)
 
     @user_errors
     def select_model(
@@ -195,6 +239,15 @@ class DetectTab:
                 self.registry.dropdown_choices(), value=initial_key, label="Model", scale=4, elem_id="model-picker"
             )
             refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
+        with gr.Row():
+            hub_model_id = gr.Textbox(
+                label="Add a model from the Hub (owner/name)",
+                placeholder="SenseTime/deformable-detr-with-box-refine",
+                max_length=200,
+                scale=4,
+                elem_id="hub-model-id",
+            )
+            hub_model_add = gr.Button("Add", scale=1, size="sm", elem_id="hub-model-add")
         model_info = gr.Markdown(elem_id="model-info")
         controls = build_filters(model, visitor)
         threshold, max_detections, classes, resolution = (
@@ -241,6 +294,12 @@ class DetectTab:
             self.select_model, [model, visitor], [model_info, classes], **private, api_name="ui_select_model"
         ).then(**run, **queue_options, **private, api_name="ui_detect_on_model")
         refresh.click(self.refresh_models, [model, visitor], [model], **private, api_name="ui_refresh_models")
+        # Selecting the added model fires model.change, which loads it and detects as a pick would. Downloads wait
+        # on the network, not the CPU: their own queue, so they never hold up a forward pass.
+        add_hub = {"fn": self.add_hub_model, "inputs": [hub_model_id, visitor], "outputs": [model]}
+        hub_queue = {"concurrency_id": "hub-model-add", "concurrency_limit": 2}
+        hub_model_add.click(**add_hub, **hub_queue, **private, api_name="ui_add_hub_model")
+        hub_model_id.submit(**add_hub, **hub_queue, **private, api_name="ui_add_hub_model_on_submit")
         for name, control in (("threshold", threshold), ("max", max_detections), ("classes", classes)):
             control.change(
                 self.refilter,

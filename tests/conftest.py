@@ -1014,10 +1014,20 @@ _DETECTION_WRITERS: dict[str, Callable[[DetectionSpec, Path], None]] = {
 # -- a local stand-in of the Hub's HTTP API (repo creation, pre-upload, commits), on 127.0.0.1 ------------------ #
 
 
+def _blob_id(data: bytes) -> str:
+    """Git's id of a file's content: the Hub's ETag and tree ``oid`` of a file stored without LFS. (Not its length:
+    two files of one size would share a blob in the download cache.)"""
+    import hashlib
+
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 class HubStandIn:
     """Answers the calls ``HfApi.create_repo`` / ``create_commit`` make; every file is uploaded inline ("regular").
-    Committed files can be downloaded again (``hf_hub_download``: HEAD and GET of ``/{repo}/resolve/{rev}/{path}``,
-    with the token, since the repos are private)."""
+    Committed files can be downloaded again (``hf_hub_download``: HEAD and GET of ``/{repo}/resolve/{rev}/{path}``;
+    ``model_info`` / ``snapshot_download``: GET of ``/api/models/{repo}/revision/{rev}`` and ``.../tree/{rev}``), with
+    the token unless the repo was created public. Like the Hub, a repo one may not read is "not found" (404,
+    ``X-Error-Code: RepoNotFound``), whether it is missing or private; every commit is ``"a" * 40``."""
 
     def __init__(self, token: str) -> None:
         import http.server
@@ -1043,14 +1053,42 @@ class HubStandIn:
                 if self.command != "HEAD":  # a HEAD answer has headers only
                     self.wfile.write(body)
 
+            def _readable(self, repo: str) -> dict[str, bytes] | None:
+                """The repo's files when this request may read them (the token, or a public repo), else None."""
+                public = hub.repos.get(repo, {}).get("visibility") == "public"
+                if self.headers.get("authorization") != f"Bearer {hub.token}" and not public:
+                    return None
+                return hub.stored.get(repo)
+
+            def _repo_api(self) -> None:
+                """``/api/models/{repo}[/revision/{rev}]`` (model_info) and ``/api/models/{repo}/tree/{rev}``."""
+                path = self.path.partition("?")[0].removeprefix("/api/models/")
+                tree = "/tree/" in path
+                repo = path.partition("/tree/" if tree else "/revision/")[0]
+                files = self._readable(repo)
+                if files is None:
+                    self.send_response(404)
+                    self.send_header("x-error-code", "RepoNotFound")
+                    self.send_header("content-length", "0")
+                    return self.end_headers()
+                if not tree:
+                    siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())]
+                    private = hub.repos.get(repo, {}).get("visibility") != "public"
+                    return self._send(200, {"id": repo, "sha": "a" * 40, "private": private, "siblings": siblings})
+                tree = [{"type": "file", "path": name, "size": len(data), "oid": _blob_id(data)}
+                        for name, data in sorted(files.items())]  # fmt: skip
+                return self._send(200, tree)
+
             def _resolve(self, method: str) -> None:
                 hub.requests.append((method, self.path, self.headers.get("authorization", "")))
+                if self.path.startswith("/api/models/"):
+                    return self._repo_api()
                 repo, _, rest = self.path.partition("/resolve/")
-                content = hub.stored.get(repo.strip("/"), {}).get(rest.partition("/")[2])
-                if self.headers.get("authorization") != f"Bearer {hub.token}" or content is None:
+                content = (self._readable(repo.strip("/")) or {}).get(rest.partition("/")[2])
+                if content is None:
                     return self._send(404, {"error": "not found"})
                 self.send_response(200)
-                for name, value in (("x-repo-commit", "a" * 40), ("etag", f'"{len(content)}"'),
+                for name, value in (("x-repo-commit", "a" * 40), ("etag", f'"{_blob_id(content)}"'),
                                     ("content-length", str(len(content)))):  # fmt: skip
                     self.send_header(name, value)
                 self.end_headers()
