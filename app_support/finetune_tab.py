@@ -637,17 +637,18 @@ class FinetuneTab:
         with gr.Row(visible=False):
             job_token = gr.Textbox("", label="job token", elem_id="finetune-token")
             started = gr.JSON(label="started")
-        slices = {"concurrency_id": "finetune_slices", "concurrency_limit": None, **private}
-        start.click(
+        started_event = start.click(
             self.start, [*dataset_inputs, *settings_inputs, visitor], started, **control, api_name="finetune_start"
-        ).then(_started_notice, started, notice, queue=False, **private, api_name="ui_started_notice").then(
-            self.train_slices, visitor, notice, api_name="ui_train_slices", **slices
-        )
+        ).then(_started_notice, started, notice, queue=False, **private, api_name="ui_started_notice")
         # Unqueued: Stop answers however full the queue is.
         stop.click(self.stop, [job_token, visitor], notice, queue=False, api_name="finetune_stop")
-        resume.click(
+        resumed_event = resume.click(
             self.resume, [resumable, job_token, visitor], notice, queue=False, api_name="finetune_resume"
-        ).then(self.train_slices, visitor, notice, api_name="ui_resume_slices", **slices)
+        )
+        if self.services.slices:  # ZeroGPU: the page that started (or resumed) a job trains it, slice by slice
+            slices = {"concurrency_id": "finetune_slices", "concurrency_limit": None, **private}
+            started_event.then(self.train_slices, visitor, notice, api_name="ui_train_slices", **slices)
+            resumed_event.then(self.train_slices, visitor, notice, api_name="ui_resume_slices", **slices)
         poll_outputs = [status, loss_plot, map_plot, metrics, predictions, use, download, resumable, version]
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(self.refresh, [version, visitor], poll_outputs, show_progress="hidden", queue=False, **private)

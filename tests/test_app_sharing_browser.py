@@ -138,3 +138,26 @@ def test_a_signed_in_visitor_owns_jobs_by_login_in_any_browser(
         finally:
             context_a.close()
             context_b.close()
+
+
+def test_in_slices_mode_the_page_trains_its_job_slice_by_slice(
+    browser, tmp_path: Path, tiny_model_dir: Path, launched_app
+):
+    config = AppConfig(
+        model=str(tiny_model_dir), models_dir=tmp_path / "models", runs_dir=tmp_path / "runs", training="slices"
+    )
+    with launched_app(config) as (_, url):
+        context, page = visitor_page(browser, url)
+        try:
+            choose(page, "base-model", "tiny preset")
+            page.locator("#epochs input").fill("1")
+            page.locator("#max-steps input").fill("30")
+            page.locator("#finetune-start").click()
+            page.wait_for_selector("#finetune-status-text:has-text('finished')")
+            assert "GPU slices" in status(page) and "daily GPU quota used" in status(page)
+            # The driving event reported each slice, then the end.
+            page.wait_for_function(
+                "() => document.querySelector('#finetune-notice textarea').value.includes('finished')"
+            )
+        finally:
+            context.close()

@@ -40,7 +40,7 @@ def test_the_front_matter_builds_a_zerogpu_gradio_space_with_sign_in():
     meta = front_matter()
     assert meta["sdk"] == "gradio" and (REPO_ROOT / meta["app_file"]).is_file()
     assert meta["python_version"] in ZEROGPU_PYTHONS
-    assert meta["hf_oauth"] is True and "write-repos" in meta["hf_oauth_scopes"]
+    assert meta["hf_oauth"] is True and {"read-repos", "write-repos"} <= set(meta["hf_oauth_scopes"])
     gradio = requirements()["gradio"]
     assert "oauth" in gradio.extras  # the sign-in button needs authlib and itsdangerous
     assert Version(meta["sdk_version"]) in gradio.specifier  # the Space's Gradio is one requirements.txt accepts
@@ -60,7 +60,12 @@ def test_every_requirement_installs_on_the_space_and_on_ci():
 def test_the_hosting_section_says_what_the_front_matter_and_requirements_do():
     section, meta = hosting_section(), front_matter()
     assert f'`python_version: "{meta["python_version"]}"`' in section
-    assert meta["sdk_version"] in section and "`hf_oauth: true`" in section and "`write-repos`" in section
+    assert (
+        meta["sdk_version"] in section
+        and "`hf_oauth: true`" in section
+        and "`read-repos`" in section
+        and "`write-repos`" in section
+    )
     for hardware in ("**ZeroGPU**", "**CPU**", "**dedicated GPU**"):
         assert hardware in section
     for package in ("`spaces`", "`gradio[oauth]`"):
