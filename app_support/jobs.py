@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 SNAPSHOT_TTL_S = 1.0
 WATCH_INTERVAL_S = 0.5
+STOP_GRACE_S = 120.0  # a stopped job's time to save its checkpoint before it is killed
 ACTIVE_STATES = ("queued", "pending", "running")
 _RUN_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
 
@@ -305,7 +306,8 @@ class TrainingJobs:
 
     def stop(self, owner: Owner | None, token: str | None, *, admin: bool = False) -> str | None:
         """Stop the requester's active job (any active job for the admin): a waiting one leaves the line, a
-        training one stops after its current step with a checkpoint. Returns the run's name, None if none was
+        training one stops after its current step with a checkpoint (killed if it has not ended ``STOP_GRACE_S``
+        later). Returns the run's name, None if none was
         active; NotYourJobError when a token was given that controls no active job."""
         with self._lock:
             candidates = [self._jobs[name] for name in [*self._running, *self._queue]]
@@ -322,7 +324,11 @@ class TrainingJobs:
             if job.name in self._queue:
                 self._drop_waiting(job)
             elif job.run is not None:
-                job.run.stop()
+                # Graceful first (a checkpoint at the current step); a child that does not end in time is killed.
+                run = job.run
+                threading.Thread(
+                    target=run.stop_then_kill, args=(STOP_GRACE_S,), name=f"stop:{job.name}", daemon=True
+                ).start()
             return job.name
 
     def active_datasets(self) -> list[Path]:
