@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,35 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def isolated_shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The synthetic dataset generated into the module's own cache, not the user's (``usefixtures`` it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DDETR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-step run of the tiny preset with a final evaluation, as a fine-tuning job leaves it (``model/``
+    holds what is pushed to the Hub). Shared: tests read it, never change it."""
+    from finetune.config import TrainConfig
+    from finetune.run.launch import run_training
+
+    folder = tmp_path_factory.mktemp("finished-run") / "run"
+    config = TrainConfig(dataset="shapes:train=4,validation=2,test=0,size=64", model="tiny", output_dir=str(folder),
+                         max_steps=2, batch_size=2, image_size=64, log_every=1, progress=False)  # fmt: skip
+    previous = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DDETR_CACHE_DIR", str(tmp_path_factory.mktemp("finished-run-cache")))
+        torch.set_num_threads(1)
+        try:
+            assert run_training(config).state == "finished"
+        finally:
+            torch.set_num_threads(previous)
+    return folder
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -1177,3 +1207,42 @@ def _launched_app(config: object) -> Iterator[tuple[object, str]]:
 def launched_app() -> Callable[[object], contextlib.AbstractContextManager[tuple[object, str]]]:
     """``with launched_app(AppConfig(...)) as (demo, url):`` the app served on 127.0.0.1, offline, closed after."""
     return _launched_app
+
+
+# -- what a test opens (audit hooks) ------------------------------------------------------------------------------ #
+
+# An audit hook cannot be removed: one is installed once per session and records only while a test asks for it.
+_OPENED = None  # the recording list while a test runs, else None
+
+
+def _record_open(event: str, arguments: tuple[object, ...]) -> None:
+    recording = _OPENED
+    if event == "open" and recording is not None and arguments and isinstance(arguments[0], (str, bytes, os.PathLike)):
+        recording.append(os.path.abspath(os.fsdecode(arguments[0])))
+
+
+class OpenedPaths(list):
+    """Every path opened (``open`` audit events: builtins.open, os.open, io.open, PIL) while the test runs."""
+
+    def within(self, folder: Path) -> list[str]:
+        top = os.path.abspath(folder)
+        return [path for path in self if os.path.commonpath([path, top]) == top]
+
+
+_HOOK_INSTALLED = [False]
+
+
+@pytest.fixture
+def opened() -> Iterator[OpenedPaths]:
+    """The paths opened while the test runs; ``opened.clear()`` once the test has written its own files, then
+    ``opened.within(folder)`` lists those read from ``folder``."""
+    global _OPENED
+    if not _HOOK_INSTALLED[0]:
+        sys.addaudithook(_record_open)
+        _HOOK_INSTALLED[0] = True
+    recording = OpenedPaths()
+    _OPENED = recording
+    try:
+        yield recording
+    finally:
+        _OPENED = None

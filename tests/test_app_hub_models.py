@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +27,6 @@ from app_support.model_choices import (
 )
 from app_support.owners import Identities
 from app_support.visitors import Visitors
-from finetune import TrainConfig, run_training
 from finetune.hub_commit import commit_files
 from finetune.run.hub_model import push_model
 
@@ -40,25 +38,12 @@ BAD_IDS = ("../x", "/etc", "/etc/passwd", "http://huggingface.co/a/b", "https://
            "owner/two words", "owner/x..y", "owner/x--y", "owner/name?rev=x", "owner/%2e%2e", "ow\u00e9ner/name",
            "owner/" + "n" * 100)  # fmt: skip
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The synthetic dataset generated into this module's own cache, not the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DDETR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread", "isolated_shapes_cache")
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 2-step run of the tiny preset, as the Fine-tune tab leaves it (``model/`` holds what is pushed)."""
-    folder = tmp_path_factory.mktemp("hub-models") / "run"
-    config = TrainConfig(dataset=SHAPES, model="tiny", output_dir=str(folder), max_steps=2, batch_size=2,
-                         image_size=64, log_every=1, progress=False)  # fmt: skip
-    assert run_training(config).state == "finished"
-    return folder
+def finished_run(finished_tiny_run: Path) -> Path:
+    return finished_tiny_run
 
 
 @pytest.fixture(autouse=True)

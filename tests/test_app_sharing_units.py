@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import struct
-import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -836,36 +835,6 @@ def test_release_session_deletes_the_pages_uploads_except_those_a_job_trains_on(
     assert files(uploads / str(tab.identities.owner_key(neighbour))) == neighbours  # never touched
 
 
-# What is opened. An audit hook cannot be removed, so one is installed once and records only while a test arms it
-# (tests/test_dataset_sandbox.py installs its own the same way; each records only for its own tests).
-_OPENED: list[str] = []
-_RECORDING = [False]
-_INSTALLED = [False]
-
-
-def _record_open(event: str, arguments: tuple[Any, ...]) -> None:
-    if event == "open" and _RECORDING[0] and arguments and isinstance(arguments[0], (str, bytes, os.PathLike)):
-        _OPENED.append(os.path.abspath(os.fsdecode(arguments[0])))
-
-
-@pytest.fixture
-def opened() -> Iterator[list[str]]:
-    """Every path opened while the test runs (``open`` audit events); clear it once the test wrote its files."""
-    if not _INSTALLED[0]:
-        sys.addaudithook(_record_open)
-        _INSTALLED[0] = True
-    _OPENED.clear()
-    _RECORDING[0] = True
-    yield _OPENED
-    _RECORDING[0] = False
-    _OPENED.clear()
-
-
-def within(paths: list[str], folder: Path) -> list[str]:
-    top = os.path.abspath(folder)
-    return [path for path in paths if os.path.commonpath([path, top]) == top]
-
-
 def png_bytes(colour: tuple[int, int, int]) -> bytes:
     buffer = io.BytesIO()
     PIL.Image.new("RGB", (64, 48), colour).save(buffer, format="PNG")
@@ -896,7 +865,7 @@ def saved_dataset_naming(folder: Path, reference: str, *, decode: bool) -> None:
 @pytest.mark.parametrize("decode", [True, False], ids=["decoded", "decode-false"])
 @pytest.mark.parametrize("spelling", ["absolute", "relative"])
 def test_an_uploaded_hf_dataset_naming_a_file_outside_is_refused_unread_and_deleted(
-    tab: FinetuneTab, tmp_path: Path, opened: list[str], decode: bool, spelling: str
+    tab: FinetuneTab, tmp_path: Path, opened: Any, decode: bool, spelling: str
 ) -> None:
     secret = tmp_path / "outside" / "secret.png"
     secret.parent.mkdir()
@@ -920,10 +889,10 @@ def test_an_uploaded_hf_dataset_naming_a_file_outside_is_refused_unread_and_dele
     assert "outside the dataset folder" in message and "must keep all its files inside" in message, message
     assert "--allow-outside-files" not in message  # the server never allows it: no advice a visitor cannot follow
     assert str(tmp_path) not in message  # no server paths in what the visitor sees
-    assert within(opened, secret.parent) == []
+    assert opened.within(secret.parent) == []
     assert opened, "the recorder saw nothing at all"  # the check did open the upload's own files
     assert files(tab.services.uploads.root) == []  # the refused upload is deleted
 
     with open(secret, "rb"):  # the recorder is live: what is opened here, it sees
         pass
-    assert within(opened, secret.parent) == [str(secret)]
+    assert opened.within(secret.parent) == [str(secret)]

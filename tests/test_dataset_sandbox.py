@@ -16,9 +16,8 @@ import io
 import json
 import os
 import shutil
-import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,35 +48,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # -- what is opened ------------------------------------------------------------------------------------------------ #
 # An audit hook cannot be removed, so one is installed once per session and records only while a test has armed it.
-_OPENED: list[str] = []
-_RECORDING = [False]
-_INSTALLED = [False]
-
-
-def _record_open(event: str, arguments: tuple[Any, ...]) -> None:
-    if event == "open" and _RECORDING[0] and arguments and isinstance(arguments[0], (str, bytes, os.PathLike)):
-        _OPENED.append(os.path.abspath(os.fsdecode(arguments[0])))
-
-
-@pytest.fixture
-def opened() -> Iterator[list[str]]:
-    """Every path opened (``open`` audit events: builtins.open, os.open, io.open, PIL) while the test runs; clear
-    it once the test has written its files."""
-    if not _INSTALLED[0]:
-        sys.addaudithook(_record_open)
-        _INSTALLED[0] = True
-    _OPENED.clear()
-    _RECORDING[0] = True
-    yield _OPENED
-    _RECORDING[0] = False
-    _OPENED.clear()
-
-
-def _within(paths: list[str], folder: Path) -> list[str]:
-    top = os.path.abspath(folder)
-    return [path for path in paths if os.path.commonpath([path, top]) == top]
-
-
 # -- test data ----------------------------------------------------------------------------------------------------- #
 
 
@@ -201,7 +171,7 @@ def _refusal(call: Callable[[], object]) -> str:
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 @pytest.mark.parametrize("spelling", ["absolute", "relative"])
 def test_hf_image_paths_outside_are_refused_before_any_is_opened(
-    case: str, spelling: str, tmp_path: Path, opened: list[str]
+    case: str, spelling: str, tmp_path: Path, opened: Any
 ) -> None:
     secret = _png(tmp_path / "outside" / "secret.png", SECRET_COLOUR)
     reference = str(secret) if spelling == "absolute" else "../outside/secret.png"
@@ -211,19 +181,19 @@ def test_hf_image_paths_outside_are_refused_before_any_is_opened(
     message = _refusal(lambda: open_dataset(folder))
     assert "row 1 (column 'image')" in message and repr(reference) in message and str(folder) in message
     assert _refusal(lambda: prepare_data(str(folder))) == message
-    assert not _within(opened, secret.parent)
+    assert not opened.within(secret.parent)
 
     # Nothing in the message depends on whether the outside file exists.
     secret.unlink()
     assert _refusal(lambda: open_dataset(folder)) == message
-    assert not _within(opened, secret.parent)
+    assert not opened.within(secret.parent)
 
     _png(secret, SECRET_COLOUR)
     data = prepare_data(str(folder), validation_fraction=0.0, allow_outside_files=True)
     assert data.settings.allow_outside_files
     assert len(data.split("train")) == 2
     np.testing.assert_array_equal(_read_all(data)[1], _pixels(_png_bytes(SECRET_COLOUR)))
-    assert _within(opened, secret.parent)
+    assert opened.within(secret.parent)
 
 
 def _counting(function: Callable[..., Any], calls: list[str]) -> Callable[..., Any]:
@@ -236,7 +206,7 @@ def _counting(function: Callable[..., Any], calls: list[str]) -> Callable[..., A
 
 @pytest.mark.parametrize("case", sorted(FILE_CASES))
 def test_saved_dataset_files_outside_are_refused_before_load_from_disk(
-    case: str, tmp_path: Path, opened: list[str], monkeypatch: pytest.MonkeyPatch
+    case: str, tmp_path: Path, opened: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     build, target, quoted = FILE_CASES[case]
     folder = tmp_path / "dataset"
@@ -249,7 +219,7 @@ def test_saved_dataset_files_outside_are_refused_before_load_from_disk(
     opened.clear()
     message = _refusal(lambda: open_dataset(folder))
     assert quoted in message and str(tmp_path / "outside") not in message
-    assert not loads and not _within(opened, tmp_path / "outside")
+    assert not loads and not opened.within(tmp_path / "outside")
 
     moved = tmp_path / "moved-away"
     shutil.move(str(outside), moved)
@@ -269,7 +239,7 @@ def test_dataset_dict_split_names_that_fsspec_would_read_elsewhere_are_refused(t
         assert repr(name) in _refusal(lambda: open_dataset(folder))
 
 
-def test_symlinked_state_json_leading_outside_is_refused(tmp_path: Path, opened: list[str]) -> None:
+def test_symlinked_state_json_leading_outside_is_refused(tmp_path: Path, opened: Any) -> None:
     _hf_rows(None).save_to_disk(str(tmp_path / "outside" / "saved"))
     folder = tmp_path / "dataset"
     _hf_rows(None).save_to_disk(str(folder))
@@ -277,11 +247,11 @@ def test_symlinked_state_json_leading_outside_is_refused(tmp_path: Path, opened:
     (folder / "state.json").symlink_to(tmp_path / "outside" / "saved" / "state.json")
     opened.clear()
     assert "state.json: the path 'state.json'" in _refusal(lambda: open_dataset(folder))
-    assert not _within(opened, tmp_path / "outside")
+    assert not opened.within(tmp_path / "outside")
 
 
 def test_relative_image_paths_are_read_from_the_dataset_folder_not_the_working_directory(
-    tmp_path: Path, opened: list[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, opened: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "dataset"
     _png(folder / "images" / "b.png", SECRET_COLOUR)
@@ -293,7 +263,7 @@ def test_relative_image_paths_are_read_from_the_dataset_folder_not_the_working_d
     opened.clear()
     data = prepare_data(str(folder), validation_fraction=0.0)
     np.testing.assert_array_equal(_read_all(data)[1], _pixels(_png_bytes(SECRET_COLOUR)))
-    assert not _within(opened, elsewhere)
+    assert not opened.within(elsewhere)
 
 
 # -- image folders ------------------------------------------------------------------------------------------------- #
@@ -309,7 +279,7 @@ def _metadata(folder: Path, kind: str, names: list[str]) -> None:
 
 @pytest.mark.parametrize("kind", ["jsonl", "csv"])
 def test_image_folder_metadata_names_outside_are_refused_without_opening_them(
-    kind: str, tmp_path: Path, opened: list[str]
+    kind: str, tmp_path: Path, opened: Any
 ) -> None:
     secret = _png(tmp_path / "outside" / "secret.png", SECRET_COLOUR)
     folder = tmp_path / "dataset"
@@ -320,7 +290,7 @@ def test_image_folder_metadata_names_outside_are_refused_without_opening_them(
         # datasets' imagefolder refuses these names itself (with or without the option: it is not ours to lift).
         with pytest.raises(ValueError, match="cannot read the image folder") as refused:
             open_dataset(folder)
-        assert not _within(opened, secret.parent)
+        assert not opened.within(secret.parent)
         secret.unlink()
         with pytest.raises(ValueError) as again:
             open_dataset(folder)
@@ -328,7 +298,7 @@ def test_image_folder_metadata_names_outside_are_refused_without_opening_them(
         _png(secret, SECRET_COLOUR)
 
 
-def test_image_folder_names_that_are_symlinks_leading_outside_are_refused(tmp_path: Path, opened: list[str]) -> None:
+def test_image_folder_names_that_are_symlinks_leading_outside_are_refused(tmp_path: Path, opened: Any) -> None:
     secret = _png(tmp_path / "outside" / "secret.png", SECRET_COLOUR)
     folder = tmp_path / "dataset"
     _png(folder / "a.png")
@@ -337,21 +307,21 @@ def test_image_folder_names_that_are_symlinks_leading_outside_are_refused(tmp_pa
     opened.clear()
     message = _refusal(lambda: open_dataset(folder))
     assert "b.png" in message and str(secret) not in message
-    assert not _within(opened, secret.parent)
+    assert not opened.within(secret.parent)
     secret.unlink()
     assert _refusal(lambda: open_dataset(folder)) == message
 
     _png(secret, SECRET_COLOUR)
     data = prepare_data(str(folder), validation_fraction=0.0, allow_outside_files=True)
     assert any(np.array_equal(pixels, _pixels(_png_bytes(SECRET_COLOUR))) for pixels in _read_all(data))
-    assert _within(opened, secret.parent)
+    assert opened.within(secret.parent)
 
 
 # -- the Hub ------------------------------------------------------------------------------------------------------- #
 
 
 def test_hub_dataset_images_must_lie_in_the_datasets_cache(
-    tmp_path: Path, opened: list[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, opened: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "hf-cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
@@ -370,7 +340,7 @@ def test_hub_dataset_images_must_lie_in_the_datasets_cache(
     opened.clear()
     message = _refusal(lambda: open_dataset("someone/crafted"))
     assert "hub dataset someone/crafted" in message and str(cache) in message
-    assert not _within(opened, secret.parent)
+    assert not opened.within(secret.parent)
     secret.unlink()
     assert _refusal(lambda: open_dataset("someone/crafted")) == message
 
@@ -381,7 +351,7 @@ def test_hub_dataset_images_must_lie_in_the_datasets_cache(
     opened.clear()
     report = prepare_data("someone/relative", validation_fraction=0.0).reports[0]
     assert report.images_kept == 1 and report.counts["missing_image"] == 1
-    assert not _within(opened, secret.parent)
+    assert not opened.within(secret.parent)
 
     data = prepare_data("someone/crafted", validation_fraction=0.0, allow_outside_files=True)
     np.testing.assert_array_equal(_read_all(data)[1], _pixels(_png_bytes(SECRET_COLOUR)))
@@ -439,7 +409,7 @@ def _importer_reference(kind: str, spelling: str, secret: Path) -> str:
 @pytest.mark.parametrize("kind", IMPORTERS)
 @pytest.mark.parametrize("spelling", ["absolute", "relative"])
 def test_importer_references_outside_refuse_the_dataset_and_load_with_the_option(
-    kind: str, spelling: str, tmp_path: Path, opened: list[str]
+    kind: str, spelling: str, tmp_path: Path, opened: Any
 ) -> None:
     secret = _png(tmp_path / "outside" / "secret.png", SECRET_COLOUR)
     reference = _importer_reference(kind, spelling, secret)
@@ -453,24 +423,24 @@ def test_importer_references_outside_refuse_the_dataset_and_load_with_the_option
         assert _refusal(lambda strict=strict: prepare_data(str(folder), strict=strict)) == message
         assert _refusal(lambda strict=strict: export_coco(folder, output, strict=strict)) == message
     assert not output.exists()
-    assert not _within(opened, secret.parent)
+    assert not opened.within(secret.parent)
 
     # Nothing in the message depends on whether the outside file exists.
     secret.unlink()
     assert _refusal(lambda: open_dataset(folder)) == message
     assert _refusal(lambda: prepare_data(str(folder))) == message
-    assert not _within(opened, secret.parent)
+    assert not opened.within(secret.parent)
 
     _png(secret, SECRET_COLOUR)
     data = prepare_data(str(folder), validation_fraction=0.0, allow_outside_files=True)
     assert len(data.split("train")) == 1 and data.reports[0].counts["missing_image"] == 0
     np.testing.assert_array_equal(_read_all(data)[0], _pixels(_png_bytes(SECRET_COLOUR)))
-    assert _within(opened, secret.parent)
+    assert opened.within(secret.parent)
 
 
 @pytest.mark.parametrize("kind", IMPORTERS)
 def test_importer_references_outside_are_refused_by_the_commands(
-    kind: str, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], opened: list[str]
+    kind: str, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], opened: Any
 ) -> None:
     secret = _png(tmp_path / "outside" / "secret.png", SECRET_COLOUR)
     folder = tmp_path / "dataset"
@@ -488,7 +458,7 @@ def test_importer_references_outside_are_refused_by_the_commands(
         error = capsys.readouterr().err
         assert OPTION in error and "leads outside the dataset folder" in error, error
     assert not (tmp_path / "run" / "model").exists() and not output.exists()
-    assert not _within(opened, secret.parent)
+    assert not opened.within(secret.parent)
 
     # With the option the outside image is read (training with it: the HF case above covers it).
     assert evaluate_cli.main([*evaluation, OPTION]) == 0
@@ -496,7 +466,7 @@ def test_importer_references_outside_are_refused_by_the_commands(
     assert export_cli.main([*export, OPTION]) == 0
     with zipfile.ZipFile(output) as archive:
         assert sum(name.endswith(".png") for name in archive.namelist()) == 1
-    assert _within(opened, secret.parent)
+    assert opened.within(secret.parent)
 
 
 # -- the command lines --------------------------------------------------------------------------------------------- #
@@ -510,7 +480,7 @@ def _crafted(tmp_path: Path) -> Path:
 
 
 def test_training_command_refuses_then_allows_outside_files(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], opened: list[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], opened: Any
 ) -> None:
     folder = _crafted(tmp_path)
     arguments = ["--dataset", str(folder), "--model", "tiny", "--max-steps", "1", "--batch-size", "2",
@@ -518,38 +488,38 @@ def test_training_command_refuses_then_allows_outside_files(
     opened.clear()
     assert train_cli.main([*arguments, "--output-dir", str(tmp_path / "refused")]) == train_cli.EXIT_BAD_INPUT
     assert OPTION in capsys.readouterr().err
-    assert not _within(opened, tmp_path / "outside") and not (tmp_path / "refused" / "model").exists()
+    assert not opened.within(tmp_path / "outside") and not (tmp_path / "refused" / "model").exists()
 
     run = tmp_path / "allowed"
     assert train_cli.main([*arguments, "--output-dir", str(run), OPTION]) == 0
     assert json.loads((run / "train_config.json").read_text())["allow_outside_files"] is True
-    assert _within(opened, tmp_path / "outside")
+    assert opened.within(tmp_path / "outside")
 
 
 def test_evaluate_command_refuses_then_allows_outside_files(
-    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], opened: list[str]
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], opened: Any
 ) -> None:
     folder = _crafted(tmp_path)
     arguments = ["--model", str(tiny_model_dir), "--dataset", str(folder), "--image-size", "32", "--device", "cpu"]
     opened.clear()
     assert evaluate_cli.main(arguments) == 2
     assert OPTION in capsys.readouterr().err
-    assert not _within(opened, tmp_path / "outside")
+    assert not opened.within(tmp_path / "outside")
 
     assert evaluate_cli.main([*arguments, OPTION]) == 0
     assert "map" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert _within(opened, tmp_path / "outside")
+    assert opened.within(tmp_path / "outside")
 
 
 def test_export_command_refuses_then_allows_outside_files(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], opened: list[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], opened: Any
 ) -> None:
     folder = _crafted(tmp_path)
     output = tmp_path / "out.zip"
     opened.clear()
     assert export_cli.main(["--dataset", str(folder), "--output", str(output)]) == 2
     assert OPTION in capsys.readouterr().err and not output.exists()
-    assert not _within(opened, tmp_path / "outside")
+    assert not opened.within(tmp_path / "outside")
     assert export_cli.main(["--dataset", str(folder), "--output", str(output), OPTION]) == 0
     with zipfile.ZipFile(output) as archive:
         assert sum(name.endswith(".png") for name in archive.namelist()) == 2

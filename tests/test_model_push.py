@@ -8,7 +8,6 @@ import logging
 import shutil
 import threading
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import PIL.Image
@@ -17,7 +16,7 @@ import torch
 import yaml
 
 import ddetr
-from finetune import TrainConfig, cli, run_training
+from finetune import cli, run_training
 from finetune.hub_commit import HubPushError
 from finetune.run.files import read_status, write_status
 from finetune.run.hub_model import model_card, push_model, read_finished_run
@@ -29,25 +28,12 @@ MODEL_FILES = {"config.json", "model.safetensors", "preprocessor_config.json"}
 TINY_RUN = ["--dataset", SHAPES, "--model", "tiny", "--max-steps", "2", "--batch-size", "2", "--image-size", "64",
             "--log-every", "1", "--no-progress"]  # fmt: skip
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The synthetic dataset generated into this module's own cache, not the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DDETR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread", "isolated_shapes_cache")
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 2-step run of the tiny preset with a final evaluation."""
-    folder = tmp_path_factory.mktemp("model-push") / "run"
-    config = TrainConfig(dataset=SHAPES, model="tiny", output_dir=str(folder), max_steps=2, batch_size=2,
-                         image_size=64, log_every=1, progress=False)  # fmt: skip
-    assert run_training(config).state == "finished"
-    return folder
+def finished_run(finished_tiny_run: Path) -> Path:
+    return finished_tiny_run
 
 
 def _front_matter(card: str) -> dict:
