@@ -55,8 +55,8 @@ def paths(tmp_path: Path) -> AppPaths:
     return AppPaths.from_root(tmp_path, work=tmp_path / "work")
 
 
-def make_tab(paths: AppPaths) -> FinetuneTab:
-    jobs = TrainingJobs(paths.runs)
+def make_tab(paths: AppPaths, launcher=None) -> FinetuneTab:
+    jobs = TrainingJobs(paths.runs, launcher=launcher)
     registry = ModelRegistry(paths.models, hub_reachable=lambda: False, finetuned=jobs.finished_models)
     services = FinetuneServices(
         paths=paths,
@@ -79,6 +79,50 @@ def tab(paths: AppPaths) -> FinetuneTab:
     yield tab
     tab.jobs.shutdown(30)
     tab.jobs.wait(60)
+
+
+class FinishedAtOnce:
+    """A launched job that ends at once (the tests of what the server does before training need no training)."""
+
+    state = "finished"
+    done = True
+    error = None
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def records(self, *, kind=None) -> list:
+        return []
+
+    def stop(self, *, wait=False, timeout=None) -> None:
+        return None
+
+    def stop_then_kill(self, grace: float) -> str:
+        return self.state
+
+    def wait(self, timeout=None) -> None:
+        return None
+
+    def log_tail(self, lines: int = 20) -> str:
+        return ""
+
+
+@pytest.fixture
+def launched() -> list[TrainConfig]:
+    return []
+
+
+@pytest.fixture
+def quick_tab(paths: AppPaths, launched: list[TrainConfig]) -> FinetuneTab:
+    """The tab with jobs that end as soon as they are launched (their configs in ``launched``)."""
+
+    def launch(config: TrainConfig) -> FinishedAtOnce:
+        launched.append(config)
+        return FinishedAtOnce(config)
+
+    tab = make_tab(paths, launcher=launch)
+    yield tab
+    tab.jobs.shutdown(5)
 
 
 @pytest.fixture
@@ -237,8 +281,10 @@ def test_one_job_stop_within_a_step_resume_and_use_in_detect(tab: FinetuneTab, v
     assert reference.config.id2label == {int(k): v for k, v in detector.model.config.id2label.items()}
 
 
-def test_a_dataset_is_validated_once_per_start_in_the_server(tab: FinetuneTab, visitor: str, validations: list):
+def test_a_dataset_is_validated_once_per_start_in_the_server(quick_tab: FinetuneTab, validations: list):
     # (The training child validates once more for itself, in its own process.)
+    tab = quick_tab
+    visitor, _ = tab.identities.visitors.claim(None)
     tab.check_dataset(*form(), visitor)
     splits = len(validations)
     assert splits >= 2  # train and validation at least, once each
@@ -254,8 +300,6 @@ def test_a_dataset_is_validated_once_per_start_in_the_server(tab: FinetuneTab, v
     tab.check_dataset(*form(shapes_train=17), visitor)
     tab.start(*start_args(visitor, max_steps=1))
     assert len(validations) == 4 * splits
-    tab.jobs.wait(120)
-    assert own_snapshot(tab, visitor).state == "finished"
 
 
 def test_the_form_starts_at_the_app_training_defaults(tab: FinetuneTab):
@@ -290,19 +334,21 @@ def test_the_form_starts_at_the_app_training_defaults(tab: FinetuneTab):
     assert APP_TRAINING_DEFAULTS.backbone_lr == APP_TRAINING_DEFAULTS.lr / 10
 
 
-def test_started_runs_take_the_form_settings_and_derive_the_backbone_lr(tab: FinetuneTab, visitor: str):
-    run = tab.start(*form(), "preset:tiny", 3, 1, 2, 1e-3, 128, 0, 7, visitor)["run"]
-    tab.jobs.wait(120)
-    owner_key = tab.identities.owner_key(visitor)
-    saved = json.loads((tab.paths.runs / owner_key / run / "train_config.json").read_text())
+def test_started_runs_take_the_form_settings_and_derive_the_backbone_lr(
+    quick_tab: FinetuneTab, launched: list[TrainConfig]
+):
+    visitor, _ = quick_tab.identities.visitors.claim(None)
+    run = quick_tab.start(*form(), "preset:tiny", 3, 1, 2, 1e-3, 128, 0, 7, visitor)["run"]
+    (config,) = launched
+    owner_key = quick_tab.identities.owner_key(visitor)
+    assert Path(config.output_dir) == quick_tab.paths.runs / str(owner_key) / run  # in the owner's folder
     expected = APP_TRAINING_DEFAULTS.with_overrides(
-        dataset=saved["dataset"], model="tiny", output_dir=saved["output_dir"], epochs=3, max_steps=1,
-        batch_size=2, lr=1e-3, image_size=128, eval_every=0, save_every=7, max_size=saved["max_size"],
-        threads=saved["threads"],
+        dataset=config.dataset, model="tiny", output_dir=config.output_dir, epochs=3, max_steps=1, batch_size=2,
+        lr=1e-3, image_size=128, eval_every=0, save_every=7,
     )  # fmt: skip
-    assert saved == expected.to_dict()
-    assert saved["lr_backbone"] is None and saved["log_every"] == 1
-    assert TrainConfig.from_dict(saved).backbone_lr == pytest.approx(1e-4)
+    assert config.to_dict() == expected.to_dict()
+    assert config.lr_backbone is None and config.log_every == 1 and config.num_workers == 0
+    assert config.backbone_lr == pytest.approx(1e-4)
 
 
 async def _collect(stream) -> list:
