@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 SNAPSHOT_TTL_S = 1.0
 WATCH_INTERVAL_S = 0.5
-STOP_GRACE_S = 120.0  # a stopped job's time to save its checkpoint before it is killed
+STOP_GRACE_S = 120.0
+# Training runs at a lower CPU priority than the server: a visitor's Detect comes first on shared cores.
+TRAINING_NICENESS = 10  # a stopped job's time to save its checkpoint before it is killed
 ACTIVE_STATES = ("queued", "pending", "running")
 _RUN_NAME = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
 
@@ -81,7 +83,7 @@ def default_threads() -> int:
 
 def process_launcher(threads: int | None = None) -> Launcher:
     count = threads if threads is not None else default_threads()
-    return lambda config: start_process_run(config, threads=count)
+    return lambda config: start_process_run(config, threads=count, niceness=TRAINING_NICENESS)
 
 
 @dataclass

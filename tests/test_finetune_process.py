@@ -215,6 +215,22 @@ def test_stop_before_the_first_step_writes_nothing(shapes_dir: Path, tmp_path: P
     assert again.state == "finished", f"{again.error}\n{again.log_tail(30)}"
 
 
+def test_a_niced_child_yields_the_cpu_to_its_parent(
+    shapes_dir: Path, tmp_path: Path, started: list[ProcessRun]
+) -> None:
+    run = ProcessRun(_config(shapes_dir, tmp_path / "run"), niceness=10)
+    started.append(run)
+    run.start()
+    assert run.pid is not None and os.getpriority(os.PRIO_PROCESS, run.pid) == 10
+    group = Path(f"/proc/{run.pid}/autogroup")
+    if group.exists():  # Linux schedules a session as one group: its share must drop too
+        assert group.read_text().split()[-1] == "10"
+    run.stop(wait=True, timeout=TIMEOUT)
+    for bad in (-1, 20, 2.5, True):
+        with pytest.raises(ValueError, match="niceness"):
+            ProcessRun(_config(shapes_dir, tmp_path / "other"), niceness=bad)  # type: ignore[arg-type]
+
+
 def test_stop_then_kill_waits_for_the_graceful_stop_up_to_its_grace(
     shapes_dir: Path, tmp_path: Path, started: list[ProcessRun]
 ) -> None:

@@ -41,6 +41,7 @@ CPU needs the thread count of the interrupted run; ``resume_config(dir)`` keeps 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -202,8 +203,16 @@ class ProcessRun:
     are known."""
 
     def __init__(
-        self, config: TrainConfig, *, threads: int | None = None, env: Mapping[str, str] | None = None
+        self,
+        config: TrainConfig,
+        *,
+        threads: int | None = None,
+        env: Mapping[str, str] | None = None,
+        niceness: int = 0,
     ) -> None:
+        if not isinstance(niceness, int) or isinstance(niceness, bool) or not 0 <= niceness <= 19:
+            raise ValueError(f"niceness must be a whole number from 0 to 19, got {niceness!r}")
+        self.niceness = niceness
         overrides: dict[str, Any] = {"progress": False}  # the log is a file: a progress bar would only fill it
         if threads is not None:
             overrides["threads"] = threads
@@ -281,6 +290,8 @@ class ProcessRun:
                     env=_child_environment(self.config, self._env),
                     start_new_session=True,  # its own process group: a terminal's Ctrl-C is not sent to it
                 ).result()
+            if self.niceness:
+                _lower_priority(self._process.pid, self.niceness)
             self._state = "running"
         threading.Thread(target=self._monitor, name=f"finetune-process:{output_dir.name}", daemon=True).start()
         return self
@@ -411,11 +422,26 @@ class ProcessRun:
         return "\n".join(_read_tail(self.log_path, lines))
 
 
+def _lower_priority(pid: int, niceness: int) -> None:
+    """Lower the child's CPU priority before it starts its compute threads (they inherit it), so that a server
+    training in the background keeps answering first. The child leads a session of its own, and Linux schedules
+    each session as one group ("autogroup") whose share a process's nice value does not change: the group's nice
+    value is set too, where the kernel has one."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, niceness)
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
+
+
 def start_process_run(
-    config: TrainConfig, *, threads: int | None = None, env: Mapping[str, str] | None = None
+    config: TrainConfig,
+    *,
+    threads: int | None = None,
+    env: Mapping[str, str] | None = None,
+    niceness: int = 0,
 ) -> ProcessRun:
     """Start ``config`` in a child process and return its handle. ``threads``: the child's torch CPU threads
     (resume with the same number for a bit-exact resume on CPU); ``env``: variables set for the child, over this
-    process's environment (e.g. ``CUDA_VISIBLE_DEVICES``). ValueError for a run folder that holds another run, or
-    with nothing to resume."""
-    return ProcessRun(config, threads=threads, env=env).start()
+    process's environment (e.g. ``CUDA_VISIBLE_DEVICES``); ``niceness``: how much lower its CPU priority is (0-19,
+    like ``nice``). ValueError for a run folder that holds another run, or with nothing to resume."""
+    return ProcessRun(config, threads=threads, env=env, niceness=niceness).start()
