@@ -210,12 +210,12 @@ class TrainingJobs:
         """Queue the stopped (or failed) run ``run_name`` again, for whoever owns it."""
         with self._lock:
             directory = self._find_run(run_name)
-            record = read_job_file(directory) or {}
+            record = (read_job_file(directory) or {}) if directory is not None else {}
             allowed = (owner is not None and owner.key == record.get("owner")) or token_matches(
                 token, record.get("token_sha256")
             )
-            if not allowed:
-                raise NotYourJobError(f"run {run_name!r} is not yours to resume (wrong or missing token)")
+            if directory is None or not allowed:  # one answer: a stranger learns nothing of which runs exist
+                raise NotYourJobError(f"run {run_name!r} is not yours to resume (no such run, or a wrong token)")
             existing = self._jobs.get(run_name)
             if existing is not None and self._is_active(existing):
                 raise JobBusyError(f"run {run_name} is already training or waiting to")
@@ -249,13 +249,13 @@ class TrainingJobs:
         self._wake.set()
         self._start_next()
 
-    def _find_run(self, run_name: str) -> Path:
+    def _find_run(self, run_name: str) -> Path | None:
         if not isinstance(run_name, str) or not _RUN_NAME.fullmatch(run_name):
             raise ValueError(f"{run_name!r} is not a run name")
         for directory in self.runs_root.glob(f"*/{run_name}"):
             if (directory / JOB_FILE).is_file():
                 return directory
-        raise ValueError(f"there is no run {run_name!r}")
+        return None
 
     # -- running ------------------------------------------------------------------------------------------------ #
 
