@@ -25,7 +25,7 @@ from app_support.detect_tab import DetectTab
 from app_support.detector_cache import DetectorCache, load_detector
 from app_support.downloads import DownloadFolder
 from app_support.finetune_tab import FinetuneServices, FinetuneTab
-from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, queue_options
+from app_support.hardening import DELETE_CACHE, launch_options, limit_pillow, no_implicit_hub_token, queue_options
 from app_support.jobs import TrainingJobs
 from app_support.label_store import dataset_folder
 from app_support.label_tab import KEYBOARD_JS, LabelTab
@@ -107,6 +107,7 @@ class AppServer:
 def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppServer]:
     """Build the Blocks app (not launched) and what it runs on."""
     limit_pillow()
+    no_implicit_hub_token()
     paths = AppPaths.from_root(
         REPO_ROOT, models=config.models_dir, data=config.data_dir, runs=config.runs_dir, labels=config.labels_dir
     )

@@ -14,6 +14,7 @@ placed models), and returns the candidates as numpy arrays. Off ZeroGPU the same
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -115,6 +116,18 @@ class DetectorCache:
 
 # Caches by id, for the GPU function: a number pickles, a cache (locks, models) need not.
 _CACHES: weakref.WeakValueDictionary[int, DetectorCache] = weakref.WeakValueDictionary()
+
+
+def _fresh_locks_in_child() -> None:
+    """A forked child (each ZeroGPU call) starts with the parent's locks as they were at the fork: one held by
+    another thread then (a model loading, another visitor's forward pass) would never be released there."""
+    for cache in list(_CACHES.values()):
+        cache._lock = threading.Lock()
+        cache._load_locks = {}
+        cache.inference_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
 
 def cache_by_id(cache_id: int) -> DetectorCache:

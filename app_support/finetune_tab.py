@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from app_support.uploads import UploadStore
 from ddetr.drawing import draw_detections
 from ddetr.export import ExportError, export_onnx
 from finetune.data.prepare import PreparedData
+from finetune.presets import PRESETS
 from finetune.run.hub_model import push_model
 from finetune.run.setup import data_settings
 
@@ -74,6 +76,7 @@ IMAGE_SIZES: tuple[tuple[str, int], ...] = (
 )
 ONNX_FILE = "model.onnx"
 CHECKED_KEPT = 8  # owners whose last checked dataset is kept for their next Start
+SLICE_QUEUE_WAIT_SECONDS = 600.0  # how long a page waits for its queued ZeroGPU job to start
 
 
 class OnnxExportFailedError(UserFacingError):
@@ -169,7 +172,7 @@ class FinetuneTab:
         try:
             return prepare_for_app(config, choice.label)
         except ValueError:
-            self.services.uploads.discard(Path(choice.source))
+            self.services.uploads.discard(Path(choice.source), keep=self.jobs.active_datasets())
             raise
 
     @user_errors
@@ -275,8 +278,13 @@ class FinetuneTab:
         return {"run": job.name, "token": token, "state": snapshot.state, "place_in_line": snapshot.place_in_line}
 
     def _base_model_source(self, key: str, owner: Owner) -> str:
+        """The base model a listed key names: a preset by name, else a model the registry lists for ``owner``.
+        Nothing typed ever becomes a folder or a repo id."""
         if key and key.startswith("preset:"):
-            return key.removeprefix("preset:")
+            name = key.removeprefix("preset:")
+            if name not in PRESETS:
+                raise ValueError(f"base model {key!r} is not available (refresh the page)")
+            return name
         return self.registry.get(key, owner_key=owner.key).source
 
     @user_errors
@@ -297,7 +305,12 @@ class FinetuneTab:
     ) -> str:
         if not run_name:
             raise ValueError("pick a stopped run to resume")
-        job = self.jobs.resume(run_name, self._owner(visitor, profile), token)
+        owner = self._owner(visitor, profile)
+        known = self.jobs.job(run_name)
+        pending = known is not None and isinstance(known.run, SliceRun) and known.run.state == "pending"
+        if pending and known is not None and known.allows(owner, token):
+            return f"run {run_name} resumed"  # started, never driven: this page's slices event trains it now
+        job = self.jobs.resume(run_name, owner, token)
         snapshot = self.jobs.snapshot(job)
         if snapshot.place_in_line:
             return f"run {job.name} resumes when it is its turn (place {snapshot.place_in_line} in line)"
@@ -309,6 +322,10 @@ class FinetuneTab:
         if not self.services.slices:
             return
         job = self.jobs.latest_job(self._owner(visitor, profile))
+        deadline = time.monotonic() + SLICE_QUEUE_WAIT_SECONDS
+        while job is not None and job.run is None and time.monotonic() < deadline:
+            yield f"run {job.name} waits for a place among the jobs training"
+            time.sleep(2.0)  # in line (as many jobs train as the server allows): it starts when one ends
         run = job.run if job is not None else None
         if not isinstance(run, SliceRun):
             return
@@ -362,7 +379,9 @@ class FinetuneTab:
 
     def _model_zip(self, snapshot: JobSnapshot) -> str | None:
         name = snapshot.run_name or ""
-        if name not in self._zips and snapshot.model_dir is not None:
+        cached = self._zips.get(name)
+        if (cached is None or not Path(cached).is_file()) and snapshot.model_dir is not None:
+            # (again when the download folder pruned it)
             self._zips[name] = str(self.downloads.zip_directory(snapshot.model_dir, f"ddetr-{name}"))
         return self._zips.get(name)
 

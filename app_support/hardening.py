@@ -7,6 +7,9 @@
   (downloads are copies written to the private work area), and the repository's ``.git``, virtual environments and
   the hub cache are explicitly blocked.
 - The queue has a maximum size, so a burst of requests is turned away with "queue full" instead of piling up.
+- The server's own Hugging Face token (``HF_TOKEN``, a stored login) is never sent implicitly: a hub id a visitor
+  typed (a dataset, a base model) must not reach the Space owner's private repos. What the app sends on a visitor's
+  behalf carries the visitor's own token, explicitly. A private ``--model`` repo is passed as a downloaded folder.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import PIL.Image
 
 from app_support.paths import REPO_ROOT, AppPaths
@@ -24,6 +28,13 @@ MAX_IMAGE_PIXELS = 50_000_000  # ddetr refuses more anyway; this also bounds Gra
 QUEUE_MAX_SIZE = 32
 DEFAULT_CONCURRENCY = 1
 DELETE_CACHE = (1800, 3600)  # every 30 min, delete cached files older than an hour
+
+
+def no_implicit_hub_token() -> None:
+    """No request of this process, or of the training processes it starts, sends the server's token unless
+    given it explicitly."""
+    os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"  # children read it at import
+    huggingface_hub.constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True  # this process read it at its import
 
 
 def limit_pillow() -> None:

@@ -43,6 +43,8 @@ JOB_FILE = "job.json"
 SNAPSHOT_TTL_S = 1.0
 WATCH_INTERVAL_S = 0.5
 STOP_GRACE_S = 120.0
+MAX_WAITING = 8  # jobs in line, over all owners (API clients are a new owner per job: the line needs a cap)
+KEEP_ENDED = 32  # ended jobs kept in memory (with their preview images) for their owners' pages
 # Training runs at a lower CPU priority than the server: a visitor's Detect comes first on shared cores.
 TRAINING_NICENESS = 10  # a stopped job's time to save its checkpoint before it is killed
 ACTIVE_STATES = ("queued", "pending", "running")
@@ -127,6 +129,7 @@ class Job:
     validation_images: list[PIL.Image.Image] = field(default_factory=list)
     run: RunHandle | None = None
     cached: tuple[float, JobSnapshot] | None = None
+    stopping: bool = False  # a stop was asked for (one stop thread per run, however often Stop is pressed)
 
     @property
     def directory(self) -> Path:
@@ -237,6 +240,8 @@ class TrainingJobs:
         """JobBusyError when ``owner_key`` may not queue a job now (one waiting already, or shutting down)."""
         if self._closed:
             raise JobBusyError("the server is shutting down; try again in a minute")
+        if len(self._queue) >= MAX_WAITING:
+            raise JobBusyError(f"{len(self._queue)} jobs are waiting to train, the most this server takes; try later")
         waiting = [name for name in self._queue if self._jobs[name].owner_key == owner_key]
         if waiting:
             raise JobBusyError(
@@ -244,6 +249,10 @@ class TrainingJobs:
             )
 
     def _enqueue(self, job: Job) -> None:
+        ended = [name for name, known in self._jobs.items() if not self._is_active(known)]
+        for name in ended[: max(0, len(ended) - KEEP_ENDED)]:  # oldest first: dicts keep insertion order
+            del self._jobs[name]
+        self._jobs.pop(job.name, None)  # a resumed run is new again: it goes to the end
         self._jobs[job.name] = job
         self._queue.append(job.name)
         self._wake.set()
@@ -314,10 +323,9 @@ class TrainingJobs:
         with self._lock:
             candidates = [self._jobs[name] for name in [*self._running, *self._queue]]
             active = [job for job in candidates if self._is_active(job)]
-            if admin:
+            mine = [job for job in active if job.allows(owner, token)]
+            if admin and not mine:  # the admin's own job first; else the one training (the oldest)
                 mine = active[:1]
-            else:
-                mine = [job for job in active if job.allows(owner, token)]
             if not mine:
                 if token and not admin and active:
                     raise NotYourJobError("that token does not control the running job")
@@ -325,8 +333,9 @@ class TrainingJobs:
             job = mine[0]
             if job.name in self._queue:
                 self._drop_waiting(job)
-            elif job.run is not None:
+            elif job.run is not None and not job.stopping:
                 # Graceful first (a checkpoint at the current step); a child that does not end in time is killed.
+                job.stopping = True
                 run = job.run
                 threading.Thread(
                     target=run.stop_then_kill, args=(STOP_GRACE_S,), name=f"stop:{job.name}", daemon=True

@@ -13,6 +13,7 @@ Off ZeroGPU ``gpu`` is a plain call and the slices run in the server process: th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from finetune.run.slices import SliceResult, SliceTimings, run_slice
 # arguments and the result). spaces' default box is 60 s; a free account has 5 GPU minutes a day.
 SLICE_SECONDS = 45
 SLICE_BOX_SECONDS = SLICE_SECONDS + 15
+# A job no page drives (its page closed before the first slice, an API start) waits, resumable, after this long
+# instead of holding a place among the running ones.
+UNDRIVEN_SECONDS = 120.0
 
 
 @gpu(duration=SLICE_BOX_SECONDS)
@@ -51,6 +55,7 @@ class SliceRun:
         self._stop = threading.Event()
         self._driving = threading.Lock()  # one page drives a job at a time
         self._ended = threading.Event()
+        self._created = time.monotonic()
 
     @property
     def output_dir(self) -> Path:
@@ -58,11 +63,17 @@ class SliceRun:
 
     @property
     def state(self) -> str:
+        if (
+            self._state == "pending"
+            and time.monotonic() - self._created > UNDRIVEN_SECONDS
+            and not self._driving.locked()
+        ):
+            self._wait("no open page of its owner trained it")
         return self._state
 
     @property
     def done(self) -> bool:
-        return self._state not in ("pending", "running")
+        return self.state not in ("pending", "running")
 
     def drive(self) -> Iterator[SliceResult]:
         """Run slices until the job ends, is stopped or a slice cannot run; yields each slice's result."""

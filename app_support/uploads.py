@@ -110,12 +110,15 @@ class UploadStore:
         if everyone + incoming > self.total_bytes:
             raise UploadQuotaError("the server's upload space is full right now; try again later or use a smaller zip")
 
-    def discard(self, dataset: Path) -> None:
-        """Delete the unpacked upload holding ``dataset`` (a refused dataset)."""
+    def discard(self, dataset: Path, *, keep: Iterable[Path] = ()) -> None:
+        """Delete the unpacked upload holding ``dataset`` (a refused dataset), unless it holds a path in ``keep``
+        (a job still trains on it)."""
+        kept = [Path(path) for path in keep]
         for owner_folder in self.root.iterdir():
             for upload in owner_folder.iterdir() if owner_folder.is_dir() else ():
                 if dataset == upload or upload in Path(dataset).parents:
-                    shutil.rmtree(upload, ignore_errors=True)
+                    if not any(path == upload or upload in path.parents for path in kept):
+                        shutil.rmtree(upload, ignore_errors=True)
                     return
 
     def release(self, owner_key: str, *, keep: Iterable[Path] = ()) -> None:

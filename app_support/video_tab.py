@@ -10,6 +10,7 @@ nothing behind (annotate_video removes its partial files).
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,7 @@ class VideoTab:
         self.detectors = detectors
         self.outputs = outputs
         self.settings = settings
-        self._cancels: dict[str, threading.Event] = {}
+        self._cancels: dict[str, CancelFlag] = {}
         self._cancels_lock = threading.Lock()
 
     def _run(
@@ -101,7 +102,7 @@ class VideoTab:
         owner_key: str | None,
         settings: DetectionSettings,
         stride: int,
-        cancel: threading.Event | None,
+        cancel: CancelFlag | None,
     ) -> Iterator[VideoProgress]:
         choice = self.registry.pick(model_key, owner_key)
         job = VideoJob(
@@ -111,10 +112,11 @@ class VideoTab:
             batch_size=self.settings.batch_size,
             stride=stride,
             limits=self.settings.limits(),
+            cancel=cancel,
         )
-        if on_zerogpu():  # the whole video in one GPU call, sized from its frame count; Cancel is Gradio's there
+        if on_zerogpu():  # the whole video in one GPU call, sized from its frame count
             return _annotate_on_gpu(self.detectors.cache_id, choice, job)
-        return _annotate(self.detectors, choice, job, cancel)
+        return _annotate(self.detectors, choice, job)
 
     @user_errors
     def process(
@@ -141,7 +143,7 @@ class VideoTab:
             size=int(shortest_edge) if shortest_edge else None,
         )
         key = request.session_hash or "anonymous"
-        cancel = threading.Event()
+        cancel = CancelFlag(str(self.outputs.folder / f".cancel-{uuid.uuid4().hex}"))
         with self._cancels_lock:
             self._cancels[key] = cancel
         try:
@@ -172,6 +174,7 @@ class VideoTab:
             with self._cancels_lock:
                 if self._cancels.get(key) is cancel:
                     del self._cancels[key]
+            cancel.clear()
 
     def cancel(self, request: gr.Request) -> str:
         """Ask this visitor's running video to stop after the current frame."""
@@ -255,11 +258,27 @@ class VideoJob:
     batch_size: int
     stride: int
     limits: VideoLimits
+    cancel: CancelFlag | None = None
 
 
-def _annotate(
-    detectors: DetectorCache, choice: ModelChoice, job: VideoJob, cancel: threading.Event | None
-) -> Iterator[VideoProgress]:
+@dataclass(frozen=True)
+class CancelFlag:
+    """Cancel, as a file: set in the server, seen by a run in another process too (a ZeroGPU call is a forked
+    child), and it pickles."""
+
+    path: str
+
+    def set(self) -> None:
+        Path(self.path).touch()
+
+    def is_set(self) -> bool:
+        return Path(self.path).exists()
+
+    def clear(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+
+def _annotate(detectors: DetectorCache, choice: ModelChoice, job: VideoJob) -> Iterator[VideoProgress]:
     return annotate_video(
         detectors.get(choice),
         job.video_path,
@@ -268,7 +287,7 @@ def _annotate(
         batch_size=job.batch_size,
         stride=job.stride,
         limits=job.limits,
-        cancel=cancel,
+        cancel=job.cancel,
         name=OUTPUT_NAME,
         forward_lock=detectors.inference_lock,
     )
@@ -287,4 +306,4 @@ def video_gpu_seconds(cache_id: int, choice: ModelChoice, job: VideoJob) -> int:
 @gpu(duration=video_gpu_seconds)
 def _annotate_on_gpu(cache_id: int, choice: ModelChoice, job: VideoJob) -> Iterator[VideoProgress]:
     cache = cache_by_id(cache_id)
-    yield from _annotate(cache, choice, job, None)
+    yield from _annotate(cache, choice, job)

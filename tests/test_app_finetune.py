@@ -370,6 +370,10 @@ def test_bad_settings_are_refused_before_anything_runs(tab: FinetuneTab, visitor
         tab.start(*form(), "preset:tiny", 1, 0, 0, 2e-4, 0, 1, 2, visitor)
     with pytest.raises(gr.Error, match="not available"):
         tab.start(*form(), "dir:../../etc", 1, 0, 4, 2e-4, 0, 1, 2, visitor)
+    # A "preset" is one of the presets: nothing typed becomes a folder or a repo id the training child loads.
+    for typed in ("preset:/etc", "preset:someone/private-model", "preset:../../runs", "preset:"):
+        with pytest.raises(gr.Error, match="not available"):
+            tab.start(*form(), typed, 1, 0, 4, 2e-4, 0, 1, 2, visitor)
     with pytest.raises(gr.Error, match="not a run name"):
         tab.resume("../../etc", "", visitor)
     assert own_snapshot(tab, visitor).state == "idle" and list(tab.paths.runs.iterdir()) == []

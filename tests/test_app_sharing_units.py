@@ -367,6 +367,8 @@ def test_discard_release_and_clear(tmp_path: Path) -> None:
 
     store.discard(first)  # a refused dataset: its whole upload goes, nothing else
     assert not upload_of(first).exists() and second.is_dir() and bobs.is_dir()
+    store.discard(second, keep=[second])  # a job trains on it (a re-check of it failed): it stays
+    assert second.is_dir()
     store.discard(tmp_path / "elsewhere")
     store.discard(store.root / "br-bob")  # an owner's folder is not an upload
     assert second.is_dir() and bobs.is_dir()
@@ -539,10 +541,9 @@ def test_strangers_cannot_stop_anothers_job_the_token_holder_owner_and_admin_can
     assert jobs.stop(None, token) == a.name  # the token's holder (an API client)
     wait_until(lambda: run.stops == 1)  # asked from a thread, which kills the run if it outlives the grace
     assert run.killed_after == jobs_module.STOP_GRACE_S
-    assert jobs.stop(ALICE, None) == a.name  # its owner, by login
-    wait_until(lambda: run.stops == 2)
+    assert jobs.stop(ALICE, None) == a.name  # its owner, by login (already stopping: asked once)
     assert jobs.stop(MALLORY, None, admin=True) == a.name  # the admin
-    wait_until(lambda: run.stops == 3)
+    assert run.stops == 1
     run.state = "stopped"
     wait_until(lambda: not jobs.snapshot(a).active)
     assert jobs.stop(None, None, admin=True) is None
@@ -896,3 +897,30 @@ def test_an_uploaded_hf_dataset_naming_a_file_outside_is_refused_unread_and_dele
     with open(secret, "rb"):  # the recorder is live: what is opened here, it sees
         pass
     assert opened.within(secret.parent) == [str(secret)]
+
+
+def test_the_line_is_capped_over_all_owners(jobs: TrainingJobs) -> None:
+    # API clients are a new owner per job: without a cap over everyone the line would grow without end.
+    submit(jobs, ALICE)  # trains
+    for index in range(jobs_module.MAX_WAITING):
+        submit(jobs, owner_of_login(f"visitor-{index}"))
+    with pytest.raises(JobBusyError, match="jobs are waiting to train, the most this server takes"):
+        submit(jobs, owner_of_login("one-too-many"))
+
+
+def test_the_admin_stops_their_own_waiting_job_before_anyone_elses(jobs: TrainingJobs, launcher: FakeLauncher) -> None:
+    bobs, _ = submit(jobs, BOB)  # trains
+    authors, _ = submit(jobs, ALICE)  # waits
+    assert jobs.stop(ALICE, None, admin=True) == authors.name  # the admin's own first
+    assert launcher.runs[0].stops == 0
+    assert jobs.stop(ALICE, None, admin=True) == bobs.name  # then, with none of their own, the training one
+    wait_until(lambda: launcher.runs[0].stops == 1)
+
+
+def test_stop_asks_a_run_once_however_often_it_is_pressed(jobs: TrainingJobs, launcher: FakeLauncher) -> None:
+    job, token = submit(jobs, ALICE)
+    for _ in range(50):
+        assert jobs.stop(None, token) == job.name
+    wait_until(lambda: launcher.runs[0].stops == 1)
+    time.sleep(0.1)
+    assert launcher.runs[0].stops == 1  # one stop thread, not fifty

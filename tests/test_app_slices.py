@@ -140,3 +140,15 @@ def test_on_zerogpu_training_needs_a_signed_in_owner(tmp_path: Path):
         assert job is not None and job.directory.parent.name.startswith("hf-")  # filed under the login
     finally:
         tab.jobs.shutdown(30)
+
+
+def test_a_job_no_page_drives_waits_resumable_instead_of_holding_a_place(
+    tab: FinetuneTab, monkeypatch: pytest.MonkeyPatch
+):
+    visitor = visitor_of(tab)
+    run = tab.start(*start_args(visitor))["run"]  # e.g. an API start, or a page closed before its first slice
+    job = tab.jobs.job(run)
+    assert job is not None and job.run is not None and job.run.state == "pending"
+    monkeypatch.setattr(slice_jobs, "UNDRIVEN_SECONDS", 0.0)
+    assert job.run.state == "waiting" and "no open page" in job.run.log_tail()
+    assert not tab.jobs.public_summary()["busy"]

@@ -75,3 +75,27 @@ def test_on_zerogpu_images_and_videos_are_gpu_calls_sized_from_their_input(movin
     assert seen["video_seconds"] == int(seen["setup"] + frames * seen["per_frame"])
     assert seen["video_seconds_every_third"] == int(seen["setup"] + 10 * seen["per_frame"])
     assert seen["device"] == "cuda"  # models are placed on the GPU at load, in the main process
+
+
+def test_a_video_cancel_crosses_the_process_boundary_and_locks_survive_a_fork(tmp_path: Path):
+    from app_support.video_tab import CancelFlag
+
+    flag = CancelFlag(str(tmp_path / "cancel"))
+    copy = pickle.loads(pickle.dumps(flag))  # what a ZeroGPU call receives
+    assert not copy.is_set()
+    flag.set()
+    assert copy.is_set()
+    flag.clear()
+    assert not copy.is_set()
+
+    # A GPU call is a forked child: a lock another thread held at the fork must not be held there.
+    cache = DetectorCache()
+    cache.inference_lock.acquire()
+    try:
+        child = os.fork()
+        if child == 0:  # the child: exit 0 only if the lock is free
+            os._exit(0 if cache.inference_lock.acquire(timeout=2) else 1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        cache.inference_lock.release()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import PIL.Image
@@ -44,6 +43,13 @@ from ddetr.video.reader import VideoReader
 from ddetr.video.writer import VideoWriter
 
 CSV_HEADER = ["frame", "time", "track_id", "label", "score", "xmin", "ymin", "xmax", "ymax"]
+
+
+class Cancellation(Protocol):
+    """Asks a run to stop (``threading.Event``, or anything that answers ``is_set()``: a flag in a file works
+    across the process boundary of a ZeroGPU call)."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,7 @@ def annotate_video(
     batch_size: int = DEFAULT_BATCH_SIZE,
     stride: int = 1,
     limits: VideoLimits | None = None,
-    cancel: threading.Event | None = None,
+    cancel: Cancellation | None = None,
     preview_every: float = 0.5,
     name: str | None = None,
     forward_lock: AbstractContextManager[Any] | None = None,
