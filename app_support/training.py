@@ -31,6 +31,7 @@ from finetune.run.checkpoints import MODEL_FILE
 from finetune.run.files import MODEL_CONFIG, TRAIN_CONFIG
 
 PREVIEW_IMAGES = 4
+PREVIEW_SIDE = 640
 PREDICTION_THRESHOLD = 0.3
 # A visitor's Check/Start validates in the server: bounded, so that no dataset holds a worker for minutes. (The
 # training child validates again for itself, unbounded: it has its own process.)
@@ -98,8 +99,12 @@ def _ground_truth(boxes: Any, labels: Any, class_names: list[str]) -> list[dict[
 
 
 def validation_images(prepared: PreparedData) -> list[PIL.Image.Image]:
-    """A few validation images to show a job's predictions on."""
-    return [image for image, _ in _load_samples(prepared, "validation", PREVIEW_IMAGES)]
+    """A few validation images to show a job's predictions on, at most ``PREVIEW_SIDE`` pixels on their longer
+    side: every job the server remembers keeps them in memory."""
+    images = [image for image, _ in _load_samples(prepared, "validation", PREVIEW_IMAGES)]
+    for image in images:
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    return images
 
 
 def _load_samples(prepared: PreparedData, split: str, count: int) -> list[tuple[PIL.Image.Image, list[dict]]]:
