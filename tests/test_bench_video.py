@@ -43,7 +43,7 @@ def test_quick_video_benchmark_reports_throughput_and_where_the_time_goes(tmp_pa
     assert "where the time goes" in completed.stdout
 
 
-@pytest.mark.parametrize("module", ["benchmarks.video", "benchmarks.live_webcam"])
+@pytest.mark.parametrize("module", ["benchmarks.video", "benchmarks.live_webcam", "benchmarks.shared_load"])
 def test_benchmark_help(module: str):
     completed = run_module(module, "--help", timeout=120)
     assert completed.returncode == 0, completed.stderr[-3000:]
