@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,17 @@ def image_size(path: str) -> tuple[int, int] | None:
     except Exception:
         return None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def annotation_file(path: Path, find: Callable[[Path], Path | None], missing: str) -> tuple[Path, Path]:
+    """(annotation file, dataset folder) for ``path``, the file itself or a folder in which ``find`` finds it;
+    ValueError "<folder>: <missing>" when it finds none."""
+    if path.is_file():
+        return path, path.parent
+    found = find(path)
+    if found is None:
+        raise ValueError(f"{path}: {missing}")
+    return found, path
 
 
 def relative_name(root: Path, path: str | os.PathLike) -> str:

@@ -21,6 +21,7 @@ from finetune.data.formats.common import (
     LoadedDataset,
     ParsedRecordSource,
     absolute,
+    annotation_file,
     canonical_split,
     relative_name,
     rotated_bounds,
@@ -70,14 +71,9 @@ def open_cvat(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset
     """Open a CVAT for images 1.1 export: a folder with annotations.xml, or the XML file itself.
     ``allow_outside_files``: the images' names may lead outside the dataset folder (the user's own dataset)."""
     path = absolute(path)
-    if path.is_file():
-        xml_path, root = path, path.parent
-    else:
-        root = path
-        found = find_cvat_xml(root)
-        if found is None:
-            raise ValueError(f"{root}: a CVAT for images export needs {CVAT_FILE} (<annotations> XML)")
-        xml_path = found
+    xml_path, root = annotation_file(
+        path, find_cvat_xml, f"a CVAT for images export needs {CVAT_FILE} (<annotations> XML)"
+    )
     shown = relative_name(root, xml_path)
     element = parse_xml(
         Path(resolve_inside(root, xml_path, where=shown, allow_outside_files=allow_outside_files)), shown=shown

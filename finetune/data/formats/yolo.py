@@ -38,6 +38,7 @@ from finetune.data.formats.common import (
     IMAGE_SUFFIXES,
     LoadedDataset,
     absolute,
+    annotation_file,
     canonical_split,
     image_size,
     relative_name,
@@ -364,14 +365,9 @@ def open_yolo(path: Path, *, allow_outside_files: bool = False) -> LoadedDataset
     """Open a YOLO dataset folder (or its data.yaml). ``allow_outside_files``: the paths data.yaml and the image
     lists name, and symlinked images and labels, may lead outside the dataset folder (the user's own dataset)."""
     path = absolute(path)
-    if path.is_file():
-        yaml_path, root = path, path.parent
-    else:
-        root = path
-        found = find_yaml(root)
-        if found is None:
-            raise ValueError(f"{root}: a YOLO dataset needs a data.yaml naming its classes ('names') and splits")
-        yaml_path = found
+    yaml_path, root = annotation_file(
+        path, find_yaml, "a YOLO dataset needs a data.yaml naming its classes ('names') and splits"
+    )
     shown = relative_name(root, yaml_path)
     resolve_inside(root, yaml_path, where=shown, allow_outside_files=allow_outside_files)
     data = _load_yaml(yaml_path, shown)
