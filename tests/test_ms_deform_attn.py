@@ -12,6 +12,7 @@ import torch
 from ddetr.ops import ms_deform_attn, ms_deform_attn_reference, select_implementation
 from ddetr.ops import ms_deform_attn_cpu as msda_cpu
 from ddetr.ops.ms_deform_attn_cpu import ms_deform_attn_cpu
+from ddetr.runtime import machine
 
 BACKENDS = ["cpp", "torch"]
 
@@ -335,8 +336,8 @@ def test_unwritable_cache_folder_uses_private_temp_folder(monkeypatch: pytest.Mo
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("DDETR_CACHE_DIR", str(blocker / "cache"))
-    monkeypatch.setattr(msda_cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(machine.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    folder = msda_cpu._cache_dir()
+    folder = machine.cache_dir()
     assert folder.parent == tmp_path / "tmp"
     assert folder.stat().st_mode & 0o077 == 0

@@ -47,6 +47,7 @@ from ddetr.ops.ms_deform_attn import (
     ms_deform_attn_reference,
     register_implementation,
 )
+from ddetr.runtime.machine import cache_dir, cpu_signature
 
 __all__ = ["BACKENDS", "cpp_extension_path", "load_cpp_extension", "ms_deform_attn_cpu"]
 
@@ -54,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpp", "torch")
 _BACKEND_ENV = "DDETR_MSDA_CPU_BACKEND"
-_CACHE_ENV = "DDETR_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cpp")
 _ABI_VERSION = 5
 # Tried in order: the first is the fast one; the others trade speed for building with compilers that reject
@@ -95,45 +95,6 @@ _load_attempted = False
 _load_lock = threading.Lock()
 
 
-def _cache_dir() -> Path:
-    """``$DDETR_CACHE_DIR``, else ``$XDG_CACHE_HOME/ddetr`` or ``~/.cache/ddetr``; a private temp folder when that is
-    not writable (read-only home in some containers)."""
-    explicit = os.environ.get(_CACHE_ENV)
-    if explicit:
-        preferred = Path(explicit)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        preferred = (Path(xdg) if xdg else Path.home() / ".cache") / "ddetr"
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred
-    except OSError:
-        pass
-    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    fallback = Path(tempfile.gettempdir()) / f"ddetr-{user}"
-    fallback.mkdir(mode=0o700, exist_ok=True)
-    # Shared temp folders: only load code from a folder that nobody else could have written into.
-    if hasattr(os, "getuid") and (fallback.stat().st_uid != os.getuid() or fallback.stat().st_mode & 0o022):
-        raise RuntimeError(f"{preferred} is not writable and {fallback} is not private to this user")
-    return fallback
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on, so a cache shared between different machines never loads foreign code."""
-    signature = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "Features", "model name")):
-                    signature += line
-                if line.strip() == "":
-                    break
-    except OSError:
-        pass
-    return signature
-
-
 def _compiler() -> str | None:
     for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if candidate and shutil.which(candidate):
@@ -149,16 +110,16 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout
 
 
-def _library_path(compiler: str, flags: tuple[str, ...], cache_dir: Path) -> Path:
+def _library_path(compiler: str, flags: tuple[str, ...], folder: Path) -> Path:
     digest = hashlib.sha256()
     parts = (_SOURCE.read_bytes(), compiler.encode(), _compiler_version(compiler).encode(), " ".join(flags).encode())
     for part in parts:
         digest.update(part)
         digest.update(b"\0")
     if "-march=native" in flags:
-        digest.update(_cpu_signature().encode())
+        digest.update(cpu_signature().encode())
     suffix = ".dylib" if platform.system() == "Darwin" else ".so"
-    return cache_dir / f"msda_cpu_{digest.hexdigest()[:16]}{suffix}"
+    return folder / f"msda_cpu_{digest.hexdigest()[:16]}{suffix}"
 
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
@@ -190,12 +151,12 @@ def _build_and_open() -> _Kernels:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     try:
-        cache_dir = _cache_dir()
+        folder = cache_dir()
     except OSError as error:
         raise RuntimeError(f"no writable cache folder for the compiled kernel: {error}") from error
     errors = []
     for flags in _FLAG_SETS:
-        target = _library_path(compiler, flags, cache_dir)
+        target = _library_path(compiler, flags, folder)
         try:
             if not target.exists():
                 logger.info("compiling the deformable-attention CPU kernel into %s", target)

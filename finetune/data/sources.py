@@ -42,6 +42,7 @@ from typing import Any
 import datasets
 
 from ddetr.checkpoint.hub import looks_like_repo_id
+from ddetr.runtime.machine import cache_root
 from finetune.data.categories import CategoryMap
 from finetune.data.formats import normalise_format
 from finetune.data.formats.archive import unpack_zip
@@ -163,15 +164,6 @@ def _has_metadata(path: Path) -> bool:
         if not child.is_symlink() and child.is_dir()  # a linked folder is not looked into (check_links)
         for name in names
     )
-
-
-def cache_root() -> Path:
-    """``$DDETR_CACHE_DIR``, else ``$XDG_CACHE_HOME/ddetr`` or ``~/.cache/ddetr`` (where ddetr caches too)."""
-    explicit = os.environ.get("DDETR_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "ddetr"
 
 
 def archives_cache_dir() -> Path:
