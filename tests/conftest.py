@@ -34,6 +34,12 @@ from PIL import features
 import ddetr
 import finetune.data.prepare as prepare_module
 
+# Kernel choices are measured per machine and cached in $DDETR_CACHE_DIR, which many tests point at a folder of
+# their own: a child process could then measure anew and choose differently from its parent, and tests that
+# compare runs across processes bit for bit would depend on timing noise. The suite pins them (every process it
+# starts inherits this); tests/test_kernel_choice.py clears it and tests the measurement and both choices.
+os.environ["DDETR_KERNELS"] = "linear=onednn,conv_layout=channels_last,conv_relu=fused"
+
 
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:

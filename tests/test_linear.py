@@ -12,6 +12,13 @@ from ddetr.ops.linear import _HAS_ONEDNN_LINEAR, Linear, linear, onednn_dtype
 needs_onednn = pytest.mark.skipif(not _HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def onednn_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests hold the oneDNN path to F.linear: make it the machine's choice whatever was measured here
+    (both choices: tests/test_kernel_choice.py)."""
+    monkeypatch.setenv("DDETR_KERNELS", "linear=onednn")
+
+
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
     out = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     return F.relu(out) if relu else out

@@ -13,10 +13,15 @@ oneDNN GEMMs too). ``F.linear`` is the reference the tests hold both paths to, a
 (other devices and dtypes, training under autocast, torch.compile). Autocast does not know the oneDNN op, so at
 bf16 CPU inference :func:`linear` casts its operands to bf16 itself, as autocast would for ``F.linear`` (bf16
 forward at 800x1066: the separate bias copy and ReLU pass cost about 90 ms).
+
+Which library is faster depends on the CPU, so oneDNN is used only where it measured faster on this machine
+(:mod:`ddetr.runtime.kernel_choice`, family ``linear``, options ``onednn`` and ``aten`` = ``F.linear``), decided
+separately for float32 inference, bf16 inference and float32 training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeGuard
 
 import torch
@@ -24,7 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
+from ddetr.runtime import kernel_choice
+
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+LINEAR_OPTIONS = ("onednn", "aten")
+# The timed shape: encoder tokens of a 512x640 image, the feed-forward's first layer (the most common large GEMM).
+_CHOICE_ROWS, _CHOICE_IN, _CHOICE_OUT = 5440, 256, 1024
 
 
 def _onednn_available() -> bool:
@@ -41,7 +51,16 @@ def _records_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def onednn_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
     """The dtype :func:`linear` computes in through oneDNN for these arguments, None when it takes ``F.linear``."""
-    return _onednn_dtype(x, weight, bias, training=_records_grad(x, weight, bias))
+    return _chosen_onednn_dtype(x, weight, bias, training=_records_grad(x, weight, bias))
+
+
+def _chosen_onednn_dtype(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, training: bool
+) -> torch.dtype | None:
+    dtype = _onednn_dtype(x, weight, bias, training=training)
+    if dtype is not None and linear_choice(dtype, training=training).option != "onednn":
+        return None
+    return dtype
 
 
 def _onednn_dtype(
@@ -60,6 +79,45 @@ def _onednn_dtype(
         bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and dtypes <= set(_ONEDNN_DTYPES)
         return torch.bfloat16 if bf16 else None
     return x.dtype if len(dtypes) == 1 and x.dtype in _ONEDNN_DTYPES else None
+
+
+def linear_choice(dtype: torch.dtype = torch.float32, *, training: bool = False) -> kernel_choice.Choice:
+    """Which library computes CPU linears of ``dtype`` (and whether they train) on this machine, and why."""
+    mode = kernel_choice.mode_name(dtype, training=training)
+    decision = kernel_choice.Decision(family="linear", mode=mode, options=LINEAR_OPTIONS)
+    return kernel_choice.choose(decision, lambda: _choice_candidates(dtype, training))
+
+
+def _choice_candidates(dtype: torch.dtype, training: bool) -> dict[str, Callable[[], object]]:
+    """The two libraries on the timed shape, as the model calls them (bias and ReLU included)."""
+    if not _HAS_ONEDNN_LINEAR:
+        raise RuntimeError("this torch build has no oneDNN linear")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(_CHOICE_ROWS, _CHOICE_IN, generator=generator).to(dtype)
+    weight = (torch.randn(_CHOICE_OUT, _CHOICE_IN, generator=generator) / 16).to(dtype)
+    bias = torch.randn(_CHOICE_OUT, generator=generator).to(dtype)
+    if training:
+        x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+
+        def onednn() -> object:
+            _OneDnnLinear.apply(x, weight, bias, True).sum().backward()
+            return None
+
+        def aten() -> object:
+            F.relu(F.linear(x, weight, bias)).sum().backward()
+            return None
+
+        return {"onednn": onednn, "aten": aten}
+
+    def onednn_inference() -> object:
+        with torch.no_grad():
+            return _onednn_linear(x, weight, bias, True)
+
+    def aten_inference() -> object:
+        with torch.no_grad():
+            return F.relu(F.linear(x, weight, bias))
+
+    return {"onednn": onednn_inference, "aten": aten_inference}
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
@@ -110,7 +168,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rel
     # (rows, in_features): every leading dimension folded into one
     flat = x.reshape(-1, x.shape[-1])
     training = _records_grad(flat, weight, bias)
-    dtype = _onednn_dtype(flat, weight, bias, training=training)
+    dtype = _chosen_onednn_dtype(flat, weight, bias, training=training)
     if dtype is None:
         out = F.linear(flat, weight, bias)
         if relu:
