@@ -10,10 +10,12 @@ ours / theirs. transformers is optional: without it only our numbers are printed
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.floor import count_macs, measure_rates
 from benchmarks.measure import interleaved_times, matched_fraction, peak_memory_of
 from benchmarks.model_pairs import build_pair
 from benchmarks.workloads import forward_workload, random_batch, training_workload
 from ddetr.export.cli import parse_size
 from ddetr.model.deformable_attention import sampling_locations
 from ddetr.ops import ms_deform_attn
+from ddetr.ops.conv import conv_layout_choice, conv_relu_choice
+from ddetr.ops.linear import linear_choice
 from ddetr.pipeline import ObjectDetectionPipeline
 from ddetr.processing import DeformableDetrImageProcessorFast, post_process_object_detection
 from ddetr.runtime.allocator import keep_freed_memory
-from ddetr.runtime.precision import BF16
+from ddetr.runtime.kernel_choice import Choice, mode_name
+from ddetr.runtime.machine import cpu_name
+from ddetr.runtime.precision import BF16, native_bf16
 
 CORRECTNESS_TOLERANCE = 1e-4
 
@@ -79,12 +86,16 @@ class Report:
     def section(self, title: str) -> None:
         print(f"\n== {title}")
 
-    def row(self, key: str, ours: float, theirs: float | None, unit: str = "s") -> None:
+    def row(self, key: str, ours: float, theirs: float | None, unit: str = "s", floor: float | None = None) -> None:
+        """``floor``: the GEMM floor of this work in seconds; the row then shows ours as a multiple of it."""
         entry: dict[str, Any] = {"ours": ours, "theirs": theirs}
         line = f"  {key:<44} ours {ours:10.4f} {unit}"
         if theirs is not None:
             entry["ratio"] = ours / theirs
             line += f"   theirs {theirs:10.4f} {unit}   ratio {ours / theirs:6.3f}"
+        if floor is not None:
+            entry["floor"], entry["floor_multiple"] = floor, ours / floor
+            line += f"   floor {floor:7.3f} {unit} = x{ours / floor:5.2f}"
         self.results[key] = entry
         print(line)
 
@@ -122,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "keep_freed_memory": kept,
     }
+    bf16_kind = "native" if native_bf16(device) else "emulated (no AVX512-BF16/AMX)"
+    report.results["setup"] |= {"cpu": cpu_name(), "bf16": bf16_kind}
     print(f"ddetr benchmark on {device} with {args.threads} threads; image {height}x{width}, repeats {repeats}; "
           f"freed memory kept: {kept}")  # fmt: skip
+    print(f"CPU: {cpu_name()}; bf16 {bf16_kind}; torch {torch.__version__}")
 
     with tempfile.TemporaryDirectory() as directory:
         pair = build_pair(Path(directory), quick=args.quick, variant=args.variant)
@@ -131,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         if theirs is None:
             print("transformers is not installed: only ddetr is timed")
 
-        report.section(f"forward, batch 1, {height}x{width}")
         run_ours = forward_workload(ours, 1, height, width, device)
+        floors = gemm_floor(report, ours, run_ours, args, device, (height, width), (train_height, train_width))
+        report.section(f"forward, batch 1, {height}x{width}")
         candidates = {"ours fp32": run_ours}
         if "bf16" not in args.skip:
 
@@ -145,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             candidates["theirs fp32"] = forward_workload(theirs, 1, height, width, device)
         times = interleaved_times(candidates, repeats, device)
         theirs_time = times.get("theirs fp32")
-        report.row("forward fp32", times["ours fp32"], theirs_time)
+        report.row("forward fp32", times["ours fp32"], theirs_time, floor=floors.get("forward fp32"))
         if "ours bf16" in times:
-            report.row("forward bf16 (vs theirs fp32)", times["ours bf16"], theirs_time)
+            report.row("forward bf16 (vs theirs fp32)", times["ours bf16"], theirs_time,
+                       floor=floors.get("forward bf16"))  # fmt: skip
 
         if theirs is not None:
             expected, actual = candidates["theirs fp32"](), run_ours()
@@ -167,10 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         if "train" not in args.skip:
             report.section(f"training step, batch 2, {train_height}x{train_width}")
             candidates = {"ours": training_workload(ours, 2, train_height, train_width, device)}
+            if "bf16" not in args.skip:
+                candidates["ours bf16"] = training_workload(ours, 2, train_height, train_width, device, BF16)
             if theirs is not None:
                 candidates["theirs"] = training_workload(theirs, 2, train_height, train_width, device)
             times = interleaved_times(candidates, repeats, device)
-            report.row("training step (forward + backward + AdamW)", times["ours"], times.get("theirs"))
+            report.row("training step (forward + backward + AdamW)", times["ours"], times.get("theirs"),
+                       floor=floors.get("train fp32"))  # fmt: skip
+            if "ours bf16" in times:
+                report.row("training step bf16 autocast (vs theirs fp32)", times["ours bf16"], times.get("theirs"),
+                           floor=floors.get("train bf16"))  # fmt: skip
             ours.eval()
             if theirs is not None:
                 theirs.eval()
@@ -178,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             attention_op(report, ours, device, repeats, height, width)
         if "memory" not in args.skip:
             memory(report, pair.directory, theirs is not None, args, (height, width), (train_height, train_width))
+        if device.type == "cpu":
+            kernel_choices(report, "bf16" not in args.skip)
 
     if args.json:
         args.json.write_text(json.dumps(report.results, indent=2))
@@ -185,6 +209,58 @@ def main(argv: list[str] | None = None) -> int:
         print("\ncorrectness failures:\n  " + "\n  ".join(report.failures), file=sys.stderr)
         return 1
     return 0
+
+
+def gemm_floor(
+    report: Report, ours: Any, run_forward: Any, args: argparse.Namespace, device: torch.device, size, train_size
+) -> dict[str, float]:
+    """Count the MACs of a forward and a training step, time this CPU's GEMMs, and return each floor in seconds."""
+    if device.type != "cpu":
+        return {}
+    report.section("GEMM floor: MACs counted, GEMM rates measured now (GMAC/s)")
+    forward_macs = count_macs(run_forward)
+    # A copy: the optimizer steps must not change the weights both implementations share.
+    train_macs = count_macs(training_workload(copy.deepcopy(ours), 2, *train_size, device))
+    tokens = sum(-(-size[0] // 2**s) * -(-size[1] // 2**s) for s in (3, 4, 5, 6))
+    rates = measure_rates(network_rows=tokens, size=512 if args.quick else 2048, bf16="bf16" not in args.skip)
+    report.results["macs"] = {"forward": forward_macs.__dict__, "train": train_macs.__dict__}
+    report.results["gemm_rates"] = rates.rates
+    print(
+        f"  forward batch 1 {size[0]}x{size[1]}: {forward_macs.total / 1e9:.1f} GMAC "
+        f"(convolutions {forward_macs.convolution / 1e9:.1f}, matrix products {forward_macs.matmul / 1e9:.1f})"
+    )
+    print(f"  training step batch 2 {train_size[0]}x{train_size[1]}: {train_macs.total / 1e9:.1f} GMAC "
+          "(forward + backward)")  # fmt: skip
+    for dtype, kernels in rates.rates.items():
+        print(f"  {dtype}: " + ", ".join(f"{label} {rate:.0f}" for label, rate in kernels.items()))
+    floors = {}
+    for dtype in rates.rates:
+        floors[f"forward {dtype}"] = rates.floor_seconds(forward_macs.total, dtype)
+        floors[f"train {dtype}"] = rates.floor_seconds(train_macs.total, dtype)
+    print("  floors (MACs / best rate): " + ", ".join(f"{key} {value:.3f} s" for key, value in floors.items()))
+    report.results["floors"] = floors
+    return floors
+
+
+def kernel_choices(report: Report, bf16: bool) -> None:
+    """Which library each CPU path used in this run (measured on this machine, cached, or overridden)."""
+    report.section("kernels chosen on this machine (DDETR_KERNELS overrides)")
+    chosen = {}
+    modes = [(torch.float32, False), (torch.float32, True)] + ([(torch.bfloat16, False)] if bf16 else [])
+    for dtype, training in modes:
+        families: list[tuple[str, Callable[..., Choice]]] = [
+            ("linear", linear_choice),
+            ("conv_layout", conv_layout_choice),
+        ]
+        if not training:  # the fused convolution + ReLU is an inference path
+            families.append(("conv_relu", lambda dtype, training: conv_relu_choice(dtype)))
+        for family, choice in families:
+            picked = choice(dtype, training=training)
+            mode = mode_name(dtype, training=training)
+            timings = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in picked.seconds.items())
+            chosen[f"{family}/{mode}"] = {"option": picked.option, "source": picked.source, "seconds": picked.seconds}
+            print(f"  {family:<12} {mode:<15} {picked.option:<14} ({picked.source}{'; ' + timings if timings else ''})")
+    report.results["kernels"] = chosen
 
 
 def end_to_end(report: Report, ours: Any, theirs: Any, device: torch.device, repeats: int, height: int, width: int):

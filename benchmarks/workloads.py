@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ddetr.runtime.precision import FP32, Precision
+
 
 def load_model(implementation: str, directory: Path, device: torch.device) -> Any:
     if implementation == "ours":
@@ -51,8 +53,11 @@ def forward_workload(model: Any, batch: int, height: int, width: int, device: to
     return run
 
 
-def training_workload(model: Any, batch: int, height: int, width: int, device: torch.device) -> Callable[[], Any]:
-    """forward with labels + backward + AdamW step (the optimizer state exists after the first call)."""
+def training_workload(
+    model: Any, batch: int, height: int, width: int, device: torch.device, precision: Precision = FP32
+) -> Callable[[], Any]:
+    """forward with labels (under ``precision``'s autocast) + backward + AdamW step (the optimizer state exists
+    after the first call)."""
     pixel_values, pixel_mask = random_batch(batch, height, width, device, seed=1)
     labels = random_labels(batch, device)
     model.train()
@@ -60,7 +65,8 @@ def training_workload(model: Any, batch: int, height: int, width: int, device: t
 
     def run() -> float:
         optimizer.zero_grad(set_to_none=True)
-        outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        with precision.autocast(device):
+            outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
         outputs.loss.backward()
         optimizer.step()
         return float(outputs.loss.detach())

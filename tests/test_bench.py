@@ -22,6 +22,44 @@ def test_quick_benchmark_runs_and_agrees_with_transformers(tmp_path):
     for key in ("forward fp32", "e2e per image, batch 4", "training step (forward + backward + AdamW)",
                 "peak memory, train batch 2"):  # fmt: skip
         assert results[key]["ours"] > 0 and results[key]["theirs"] > 0 and results[key]["ratio"] > 0
+    # The floor columns: MACs counted, rates measured, each timed row a multiple of its floor.
+    assert results["setup"]["cpu"] and results["setup"]["bf16"]
+    assert results["macs"]["train"]["matmul"] > 2 * results["macs"]["forward"]["matmul"] > 0
+    assert all(rate > 0 for rates in results["gemm_rates"].values() for rate in rates.values())
+    for key in ("forward fp32", "forward bf16 (vs theirs fp32)", "training step (forward + backward + AdamW)",
+                "training step bf16 autocast (vs theirs fp32)"):  # fmt: skip
+        row = results[key]
+        assert row["floor_multiple"] == pytest.approx(row["ours"] / row["floor"]) and row["floor"] > 0
+    assert results["kernels"]["linear/fp32-inference"]["option"] in ("onednn", "aten")
+
+
+def test_macs_are_counted_as_the_layers_define_them():
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.floor import count_macs
+    from ddetr.ops.linear import linear
+
+    x = torch.randn(5, 7, 16)
+    weight, bias = torch.randn(32, 16), torch.randn(32)
+    image, kernel = torch.randn(2, 3, 10, 12), torch.randn(8, 3, 3, 3)
+    query = torch.randn(1, 2, 6, 4)
+
+    def forward() -> None:
+        with torch.no_grad():
+            linear(x, weight, bias)  # oneDNN's op where it is chosen, else addmm: counted either way
+            F.conv2d(image, kernel, padding=1)
+            F.scaled_dot_product_attention(query, query, query)
+
+    counted = count_macs(forward)
+    assert counted.matmul == 5 * 7 * 16 * 32 + 2 * 6 * 6 * (4 + 4)
+    assert counted.convolution == 2 * 10 * 12 * 8 * 3 * 3 * 3
+
+    leaf, frozen_input, trained_input = weight.clone().requires_grad_(), x.clone(), x.clone().requires_grad_()
+
+    # Backward: the weight gradient is one more GEMM, and the input gradient another where the input needs one.
+    assert count_macs(lambda: F.linear(frozen_input, leaf, bias).sum().backward()).matmul == 2 * 5 * 7 * 16 * 32
+    assert count_macs(lambda: F.linear(trained_input, leaf, bias).sum().backward()).matmul == 3 * 5 * 7 * 16 * 32
 
 
 def test_detection_matching_is_one_to_one_and_label_aware():
