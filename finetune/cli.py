@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         group,
         "--precision",
         "precision",
-        "numeric precision (auto: bf16 on capable GPUs, fp32 on CPU)",
+        "numeric precision (auto: bf16 where native, i.e. GPUs and CPUs with AMX or AVX512-BF16; fp16 on GPUs "
+        "without bf16; else fp32)",
         choices=PRECISIONS,
     )
     add(

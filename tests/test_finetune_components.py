@@ -177,7 +177,7 @@ def test_a_step_skips_non_finite_predictions_by_type_and_surfaces_other_value_er
 
 def test_precision_resolution_on_cpu() -> None:
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu, training=True).dtype is None
+    assert resolve_precision("fp32", cpu, training=True).dtype is None
     assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
     assert resolve_precision("fp16", cpu).scale_loss
 

@@ -80,9 +80,16 @@ def test_pipeline_runs_bf16_inside_and_keeps_offsets_and_boxes_float32(tiny_mode
 def test_auto_means_bf16_exactly_where_it_is_native(tiny_model_dir: Path):
     expected = "bf16" if native_bf16(CPU) else "fp32"
     assert ddetr.pipeline(model=tiny_model_dir, precision="auto").precision.name == expected
-    assert resolve_precision("auto", CPU, training=True).name == "fp32"
+    assert resolve_precision("auto", CPU, training=True).name == expected
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("int8", CPU)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_trains_in_bf16_on_a_cpu_exactly_when_it_is_native(native: bool, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
+    assert resolve_precision("auto", CPU, training=True) == (BF16 if native else FP32)
+    assert not resolve_precision("auto", CPU, training=True).scale_loss
 
 
 @pytest.mark.parametrize("precision", ["bf16", "auto"])
