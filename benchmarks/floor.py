@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry, shape_wrapper
+from torch.utils.flop_counter import conv_flop_count, flop_registry, shape_wrapper
 
 from benchmarks.measure import interleaved_times
 
@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def _linear_pointwise_flops(x_shape: Any, weight_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    """oneDNN's ``(rows, in) x (out, in)^T``: 2 * rows * in * out."""
+    """A linear layer, ``(rows, in) x (out, in)^T`` (oneDNN's or aten's): 2 * rows * in * out."""
     rows = 1
     for size in x_shape[:-1]:
         rows *= size
@@ -37,16 +37,28 @@ def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_shape
     return 2 * batch_heads * query[2] * key[2] * (query[3] + value[3])
 
 
+def _onednn_conv_flops(x_shape: Any, weight_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """A convolution as aten's or oneDNN's op sees it (the fused convolution + ReLU too)."""
+    return conv_flop_count(list(x_shape), list(weight_shape), list(out_shape), transposed=False)
+
+
 def _custom_mapping() -> dict[Any, Callable[..., int]]:
-    mapping: dict[Any, Callable[..., int]] = {}
+    mapping: dict[Any, Callable[..., int]] = {torch.ops.aten.mkldnn_convolution: _onednn_conv_flops}
+    if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        mapping[torch.ops.mkldnn._convolution_pointwise] = _onednn_conv_flops
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         mapping[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
+    # In inference mode the dispatcher shows composite ops themselves, elsewhere the kernels they decompose into.
+    mapping[torch.ops.aten.scaled_dot_product_attention] = _cpu_attention_flops
+    mapping[torch.ops.aten.conv2d] = _onednn_conv_flops
+    mapping[torch.ops.aten.linear] = _linear_pointwise_flops
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
     return mapping
 
 
-_CONVOLUTIONS = ("convolution", "_convolution", "convolution_backward", "_slow_conv2d_forward")
+_CONVOLUTIONS = ("conv2d", "convolution", "_convolution", "convolution_backward", "_slow_conv2d_forward",
+                 "mkldnn_convolution", "_convolution_pointwise")  # fmt: skip
 
 
 @dataclass(frozen=True)

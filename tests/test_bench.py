@@ -38,6 +38,7 @@ def test_macs_are_counted_as_the_layers_define_them():
     import torch.nn.functional as F
 
     from benchmarks.floor import count_macs
+    from ddetr.ops.conv import conv2d
     from ddetr.ops.linear import linear
 
     x = torch.randn(5, 7, 16)
@@ -46,14 +47,16 @@ def test_macs_are_counted_as_the_layers_define_them():
     query = torch.randn(1, 2, 6, 4)
 
     def forward() -> None:
-        with torch.no_grad():
-            linear(x, weight, bias)  # oneDNN's op where it is chosen, else addmm: counted either way
-            F.conv2d(image, kernel, padding=1)
+        with torch.inference_mode():
+            linear(x, weight, bias)  # oneDNN's op where it is chosen, else aten's linear: counted either way
+            F.linear(x, weight, bias)
+            F.conv2d(image, kernel, padding=1)  # in inference mode: aten's oneDNN convolution itself
+            conv2d(image, kernel, None, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True)
             F.scaled_dot_product_attention(query, query, query)
 
     counted = count_macs(forward)
-    assert counted.matmul == 5 * 7 * 16 * 32 + 2 * 6 * 6 * (4 + 4)
-    assert counted.convolution == 2 * 10 * 12 * 8 * 3 * 3 * 3
+    assert counted.matmul == 2 * (5 * 7 * 16 * 32) + 2 * 6 * 6 * (4 + 4)
+    assert counted.convolution == 2 * (2 * 10 * 12 * 8 * 3 * 3 * 3)
 
     leaf, frozen_input, trained_input = weight.clone().requires_grad_(), x.clone(), x.clone().requires_grad_()
 
