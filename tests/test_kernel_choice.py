@@ -222,3 +222,15 @@ def test_training_convolutions_keep_autograd_whatever_the_choice(monkeypatch: py
         return conv2d(x, weight, None, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True)
 
     assert torch.autograd.gradcheck(function, (x, weight))
+
+
+def test_candidates_are_timed_outside_the_callers_autocast(tmp_path: Path) -> None:
+    seen: list[bool] = []
+
+    def candidates() -> dict[str, Callable[[], object]]:
+        return {"first": lambda: seen.append(torch.is_autocast_enabled("cpu")), "second": lambda: None}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        choose(DECISION, candidates, folder=tmp_path)
+        assert torch.is_autocast_enabled("cpu")
+    assert seen and not any(seen)

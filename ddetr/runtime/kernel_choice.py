@@ -151,7 +151,10 @@ def _stored_or_measured(
     if stored is not None:
         return stored
     try:
-        seconds = dict(timer(candidates()))
+        # Measured outside the caller's autocast (the first use can come from inside a bf16 forward): each
+        # candidate sets the precision it stands for itself.
+        with torch.autocast("cpu", enabled=False):
+            seconds = dict(timer(candidates()))
     except (RuntimeError, ValueError, TypeError) as error:
         # A candidate that cannot run here (an op missing from this build) leaves the first option.
         return Choice(option=decision.options[0], source=f"fallback ({type(error).__name__}: {error})", seconds={})
