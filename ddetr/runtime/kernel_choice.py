@@ -2,19 +2,21 @@
 
 The fast paths were tuned on one CPU and the best kernel differs by CPU: oneDNN's linear took 0.4-0.6x MKL's time
 on an AMD EPYC, and the order is not the same on every Intel Xeon; channels-last convolutions were 2.2x faster there
-but need not be everywhere. So a decision (``linear``: oneDNN or MKL; ``conv_layout``: channels-last or contiguous)
-is made per machine by timing both candidates on a representative shape the first time it is needed, in each
-precision and mode it is needed in, and for the thread count in use.
+but need not be everywhere. So a decision (``linear``: ``onednn`` or ``aten``, i.e. ``F.linear``; ``conv_layout``:
+channels-last or contiguous; ``conv_relu``: fused or not) is made per machine by timing both candidates on a
+representative shape the first time it is needed, in each precision and mode it is needed in, and for the thread
+count in use.
 
 The result is cached in ``$DDETR_CACHE_DIR/kernel_choices.json`` (the compiled kernel's cache folder), keyed by the
 CPU (model and flags), torch's version and the thread count. The first process to write a decision wins: a process
 that measured differently adopts the stored choice, so every process on a machine (training children, slices,
 workers) runs the same kernels and gives the same bits. ``DDETR_KERNELS`` overrides, e.g.
-``DDETR_KERNELS=linear=mkl,conv_layout=contiguous``; an override is never written to the cache.
+``DDETR_KERNELS=linear=aten,conv_layout=contiguous``; an override is never written to the cache.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -76,14 +78,19 @@ _memo_lock = threading.Lock()
 
 def overrides(environment: Mapping[str, str] | None = None) -> dict[str, str]:
     """``DDETR_KERNELS`` parsed into {family: option}; a malformed entry is a ValueError naming it."""
-    text = (os.environ if environment is None else environment).get(OVERRIDE_ENV, "").strip()
+    return dict(_parse_overrides((os.environ if environment is None else environment).get(OVERRIDE_ENV, "")))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_overrides(text: str) -> tuple[tuple[str, str], ...]:
+    """Parsed once per distinct value: every linear and convolution call consults the overrides."""
     parsed: dict[str, str] = {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         family, separator, option = entry.partition("=")
         if not separator or not family.strip() or not option.strip():
-            raise ValueError(f"{OVERRIDE_ENV} entry {entry!r} is not family=option (e.g. linear=mkl)")
+            raise ValueError(f"{OVERRIDE_ENV} entry {entry!r} is not family=option (e.g. linear=aten)")
         parsed[family.strip()] = option.strip()
-    return parsed
+    return tuple(parsed.items())
 
 
 def machine_key() -> str:
