@@ -11,6 +11,7 @@ from torch import nn
 
 from ddetr.model.deformable_attention import MultiscaleDeformableAttention
 from ddetr.model.feed_forward import check_activation, feed_forward
+from ddetr.ops.dropout import dropout
 from ddetr.ops.linear import Linear
 from ddetr.runtime.precision import at_least_float32, float32_region
 
@@ -88,15 +89,15 @@ class DeformableDecoderLayer(nn.Module):
         spatial_shapes: Sequence[tuple[int, int]],
     ) -> torch.Tensor:
         attended = self.self_attn(hidden_states, position_embeddings)
-        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
+        hidden_states = self.self_attn_layer_norm(hidden_states + dropout(attended, self.dropout, self.training))
         attended = self.encoder_attn(
             hidden_states + position_embeddings, memory, memory_mask, reference_points, spatial_shapes
         )
-        hidden_states = self.encoder_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
+        hidden_states = self.encoder_attn_layer_norm(hidden_states + dropout(attended, self.dropout, self.training))
         transformed = feed_forward(
             hidden_states, self.fc1, self.fc2, self.activation, self.activation_dropout, self.training
         )
-        return self.final_layer_norm(hidden_states + F.dropout(transformed, self.dropout, self.training))
+        return self.final_layer_norm(hidden_states + dropout(transformed, self.dropout, self.training))
 
 
 class DeformableDecoder(nn.Module):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddetr.model.deformable_attention import MultiscaleDeformableAttention
 from ddetr.model.feed_forward import check_activation, feed_forward
+from ddetr.ops.dropout import dropout
 from ddetr.ops.linear import Linear
 
 
@@ -48,11 +48,11 @@ class DeformableEncoderLayer(nn.Module):
         attended = self.self_attn(
             hidden_states + position_embeddings, hidden_states, mask, reference_points, spatial_shapes
         )
-        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
+        hidden_states = self.self_attn_layer_norm(hidden_states + dropout(attended, self.dropout, self.training))
         transformed = feed_forward(
             hidden_states, self.fc1, self.fc2, self.activation, self.activation_dropout, self.training
         )
-        return self.final_layer_norm(hidden_states + F.dropout(transformed, self.dropout, self.training))
+        return self.final_layer_norm(hidden_states + dropout(transformed, self.dropout, self.training))
 
 
 def encoder_reference_points(spatial_shapes: Sequence[tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddetr.ops.dropout import dropout
 from ddetr.ops.linear import fusable
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -26,4 +27,4 @@ def feed_forward(
         hidden = fc1.forward_relu(x)
     else:
         hidden = ACTIVATIONS[activation](fc1(x))
-    return fc2(F.dropout(hidden, p=activation_dropout, training=training))
+    return fc2(dropout(hidden, activation_dropout, training))
