@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import conv_flop_count, flop_registry, shape_wrapper
 
 from benchmarks.measure import interleaved_times
+from ddetr.ops.onednn_dtypes import onednn_dtypes
 
 CPU = torch.device("cpu")
 
@@ -137,7 +138,7 @@ def _gemm_candidates(
             64 * 80 * 256 * 256 * 9.0,
         ),
     }
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and dtype in onednn_dtypes():  # bf16 needs AVX-512 there
         linear = torch.ops.mkldnn._linear_pointwise
         candidates[f"linear {size}^3 (oneDNN)"] = (lambda: linear(a, b, None, "none", [], ""), square)
         candidates[f"linear {network_rows}x256->1024 (oneDNN)"] = (

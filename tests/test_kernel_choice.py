@@ -117,12 +117,15 @@ def test_a_damaged_cache_file_is_measured_again_and_rewritten(tmp_path: Path) ->
     assert json.loads((tmp_path / CACHE_FILE).read_text())
 
 
-def test_a_candidate_that_cannot_run_leaves_the_first_option(tmp_path: Path) -> None:
+def test_a_candidate_that_cannot_run_leaves_the_reference_option(tmp_path: Path) -> None:
     def broken() -> dict[str, Callable[[], object]]:
-        raise RuntimeError("no such op in this build")
+        def refused() -> object:
+            raise RuntimeError("could not create a primitive descriptor")
+
+        return {"first": refused, "second": lambda: None}
 
     choice = choose(DECISION, broken, folder=tmp_path)
-    assert choice.option == "first" and choice.source.startswith("fallback")
+    assert choice.option == "second" and choice.source.startswith("fallback")
     assert not (tmp_path / CACHE_FILE).exists()
 
 

@@ -6,10 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ddetr.ops.conv as conv_module
+import ddetr.ops.linear as linear_module
 from ddetr.model.feed_forward import feed_forward
+from ddetr.ops.conv import conv2d
 from ddetr.ops.linear import _HAS_ONEDNN_LINEAR, Linear, linear, onednn_dtype
+from ddetr.ops.onednn_dtypes import onednn_dtypes
 
 needs_onednn = pytest.mark.skipif(not _HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+needs_onednn_bf16 = pytest.mark.skipif(
+    torch.bfloat16 not in onednn_dtypes(), reason="this CPU's oneDNN has no bf16 kernels (no AVX-512)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +62,7 @@ def test_onednn_path_takes_non_contiguous_input() -> None:
     torch.testing.assert_close(out.double(), reference(x, weight, bias, False), rtol=1e-5, atol=1e-5)
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_onednn_path_in_bfloat16() -> None:
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(64, 32, generator=generator).bfloat16()
@@ -127,7 +134,7 @@ def test_path_selection() -> None:
         assert onednn_dtype(x, weight, bias.double()) is None
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_bf16_autocast_casts_like_autocast_does() -> None:
     torch.manual_seed(4)
     layer = Linear(32, 16)
@@ -155,3 +162,28 @@ def test_feed_forward_matches_the_unfused_block(activation: str) -> None:
     expected = F.linear(act(F.linear(x.double(), fc1.weight.double(), fc1.bias.double())), fc2.weight.double())
     expected = expected + fc2.bias.double()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_takes_the_reference_ops_where_onednn_refuses_it(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AVX2-only CPU (AMD EPYC Zen 3): oneDNN's bf16 linear and convolution raise there, F.linear and F.conv2d
+    emulate bf16. The fast paths stand aside, whatever kernels were chosen or pinned."""
+    monkeypatch.setenv("DDETR_KERNELS", "linear=onednn,conv_relu=fused")
+    for module in (linear_module, conv_module):
+        monkeypatch.setattr(module, "onednn_dtypes", lambda: frozenset({torch.float32}))
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 8, 13, 17, generator=generator)
+    conv_weight = torch.randn(12, 8, 3, 3, generator=generator) / 8
+    tokens = torch.randn(2, 9, 24, generator=generator)
+    weight, bias = torch.randn(16, 24, generator=generator) / 5, torch.randn(16, generator=generator)
+    if not autocast:
+        x, conv_weight, tokens, weight, bias = (t.bfloat16() for t in (x, conv_weight, tokens, weight, bias))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert onednn_dtype(tokens, weight, bias) is None
+        out = linear(tokens, weight, bias, relu=True)
+        expected = F.relu(F.linear(tokens, weight, bias))
+        features = conv2d(x, conv_weight, None, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True)
+        expected_features = F.relu(F.conv2d(x, conv_weight, None, 1, 1))
+    assert out.dtype == features.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(features, expected_features, rtol=0, atol=0)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ddetr.ops.onednn_dtypes import onednn_dtypes
 from ddetr.runtime import kernel_choice
 
 CONV_RELU_OPTIONS = ("fused", "unfused")
@@ -37,10 +38,9 @@ def _onednn_conv_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if torch.is_autocast_enabled("cpu"):
         # What autocast does for F.conv2d on CPU: compute in bf16 (other autocast dtypes take F.conv2d).
-        if torch.get_autocast_dtype("cpu") == torch.bfloat16 and dtypes <= {torch.float32, torch.bfloat16}:
-            return torch.bfloat16
-        return None
-    return x.dtype if dtypes == {x.dtype} and x.dtype in (torch.float32, torch.bfloat16) else None
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and dtypes <= {torch.float32, torch.bfloat16}
+        return torch.bfloat16 if bf16 and torch.bfloat16 in onednn_dtypes() else None
+    return x.dtype if dtypes == {x.dtype} and x.dtype in onednn_dtypes() else None
 
 
 def conv2d(

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
+from ddetr.ops.onednn_dtypes import onednn_dtypes
 from ddetr.runtime import kernel_choice
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 LINEAR_OPTIONS = ("onednn", "aten")
 # The timed shape: encoder tokens of a 512x640 image, the feed-forward's first layer (the most common large GEMM).
 _CHOICE_ROWS, _CHOICE_IN, _CHOICE_OUT = 5440, 256, 1024
@@ -76,9 +76,9 @@ def _onednn_dtype(
         return torch.float32 if fp32 else None
     if torch.is_autocast_enabled("cpu"):
         # What autocast does for F.linear: cast float32 operands to bf16 (other autocast dtypes take F.linear)
-        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and dtypes <= set(_ONEDNN_DTYPES)
-        return torch.bfloat16 if bf16 else None
-    return x.dtype if len(dtypes) == 1 and x.dtype in _ONEDNN_DTYPES else None
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and dtypes <= {torch.float32, torch.bfloat16}
+        return torch.bfloat16 if bf16 and torch.bfloat16 in onednn_dtypes() else None
+    return x.dtype if len(dtypes) == 1 and x.dtype in onednn_dtypes() else None
 
 
 def linear_choice(dtype: torch.dtype = torch.float32, *, training: bool = False) -> kernel_choice.Choice:
@@ -136,8 +136,8 @@ class _OneDnnLinear(torch.autograd.Function):
     """oneDNN's linear (+ ReLU) with its gradients, float32 on CPU; ``F.linear`` + ``F.relu`` is the reference.
 
     One training step of the ResNet-50 model (batch 2, 512x640) spent 2.3 of its 4.0 s in MKL GEMMs of linear
-    layers; oneDNN computes the forward and the input gradient in about half the time. The weight gradient takes
-    whichever operand order oneDNN runs faster (measured: 16 ms instead of 30-42 ms at 11k tokens).
+    layers; oneDNN computes the forward and the input gradient in about half the time. The weight gradient is an
+    ``mm`` (see :func:`_weight_gradient`).
     """
 
     @staticmethod

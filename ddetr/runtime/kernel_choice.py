@@ -45,7 +45,8 @@ REPEATS = 5
 @dataclass(frozen=True)
 class Decision:
     """One choice: ``family`` is what ``DDETR_KERNELS`` names (``linear``), ``mode`` where it applies
-    (``fp32-inference``), ``options`` the candidates in order of preference when measuring is impossible."""
+    (``fp32-inference``), ``options`` the candidates, the reference last: the plain op that runs wherever the
+    others may not, so it is what a failed measurement leaves (a fast candidate this CPU or build refuses)."""
 
     family: str
     mode: str
@@ -163,8 +164,9 @@ def _stored_or_measured(
         with torch.autocast("cpu", enabled=False):
             seconds = dict(timer(candidates()))
     except (RuntimeError, ValueError, TypeError) as error:
-        # A candidate that cannot run here (an op missing from this build) leaves the first option.
-        return Choice(option=decision.options[0], source=f"fallback ({type(error).__name__}: {error})", seconds={})
+        # A candidate that cannot run here (an op missing from this build, a dtype this CPU's oneDNN refuses)
+        # leaves the reference.
+        return Choice(option=decision.options[-1], source=f"fallback ({type(error).__name__}: {error})", seconds={})
     option = min(decision.options, key=lambda name: seconds.get(name, float("inf")))
     measured = Choice(option=option, source="measured", seconds=seconds)
     return _write_first(path, decision, measured) if path is not None else measured
