@@ -138,7 +138,7 @@ def _gemm_candidates(
             64 * 80 * 256 * 256 * 9.0,
         ),
     }
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and dtype in onednn_dtypes():  # bf16 needs AVX-512 there
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and dtype in onednn_dtypes():  # oneDNN bf16 needs AVX-512
         linear = torch.ops.mkldnn._linear_pointwise
         candidates[f"linear {size}^3 (oneDNN)"] = (lambda: linear(a, b, None, "none", [], ""), square)
         candidates[f"linear {network_rows}x256->1024 (oneDNN)"] = (

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ddetr.ops.conv as conv_module
-import ddetr.ops.linear as linear_module
+import ddetr.ops.onednn_dtypes as onednn_dtypes_module
 from ddetr.model.feed_forward import feed_forward
-from ddetr.ops.conv import conv2d
+from ddetr.ops.conv import _onednn_conv_dtype, conv2d
 from ddetr.ops.linear import _HAS_ONEDNN_LINEAR, Linear, linear, onednn_dtype
 from ddetr.ops.onednn_dtypes import onednn_dtypes
 
@@ -169,8 +168,7 @@ def test_bf16_takes_the_reference_ops_where_onednn_refuses_it(autocast: bool, mo
     """An AVX2-only CPU (AMD EPYC Zen 3): oneDNN's bf16 linear and convolution raise there, F.linear and F.conv2d
     emulate bf16. The fast paths stand aside, whatever kernels were chosen or pinned."""
     monkeypatch.setenv("DDETR_KERNELS", "linear=onednn,conv_relu=fused")
-    for module in (linear_module, conv_module):
-        monkeypatch.setattr(module, "onednn_dtypes", lambda: frozenset({torch.float32}))
+    monkeypatch.setattr(onednn_dtypes_module, "onednn_dtypes", lambda: frozenset({torch.float32}))
     generator = torch.Generator().manual_seed(6)
     x = torch.randn(2, 8, 13, 17, generator=generator)
     conv_weight = torch.randn(12, 8, 3, 3, generator=generator) / 8
@@ -180,6 +178,7 @@ def test_bf16_takes_the_reference_ops_where_onednn_refuses_it(autocast: bool, mo
         x, conv_weight, tokens, weight, bias = (t.bfloat16() for t in (x, conv_weight, tokens, weight, bias))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         assert onednn_dtype(tokens, weight, bias) is None
+        assert _onednn_conv_dtype(x, conv_weight, None) is None
         out = linear(tokens, weight, bias, relu=True)
         expected = F.relu(F.linear(tokens, weight, bias))
         features = conv2d(x, conv_weight, None, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True)

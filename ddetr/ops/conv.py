@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ddetr.ops.onednn_dtypes import onednn_dtypes
+from ddetr.ops.onednn_dtypes import onednn_compute_dtype
 from ddetr.runtime import kernel_choice
 
 CONV_RELU_OPTIONS = ("fused", "unfused")
@@ -35,12 +35,7 @@ def _onednn_conv_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return None
-    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-    if torch.is_autocast_enabled("cpu"):
-        # What autocast does for F.conv2d on CPU: compute in bf16 (other autocast dtypes take F.conv2d).
-        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and dtypes <= {torch.float32, torch.bfloat16}
-        return torch.bfloat16 if bf16 and torch.bfloat16 in onednn_dtypes() else None
-    return x.dtype if dtypes == {x.dtype} and x.dtype in onednn_dtypes() else None
+    return onednn_compute_dtype(x, weight, bias)
 
 
 def conv2d(

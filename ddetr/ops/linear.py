@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from ddetr.ops.onednn_dtypes import onednn_dtypes
+from ddetr.ops.onednn_dtypes import onednn_compute_dtype
 from ddetr.runtime import kernel_choice
 
 LINEAR_OPTIONS = ("onednn", "aten")
@@ -69,16 +69,9 @@ def _onednn_dtype(
     # Traced (ONNX export) and compiled graphs take F.linear: the oneDNN op has no export or decomposition.
     if not _HAS_ONEDNN_LINEAR or x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
-    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-    if training:
-        # Training: float32 only; under autocast F.linear keeps autocast's casts and their gradients.
-        fp32 = dtypes == {torch.float32} and not torch.is_autocast_enabled("cpu")
-        return torch.float32 if fp32 else None
-    if torch.is_autocast_enabled("cpu"):
-        # What autocast does for F.linear: cast float32 operands to bf16 (other autocast dtypes take F.linear)
-        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and dtypes <= {torch.float32, torch.bfloat16}
-        return torch.bfloat16 if bf16 and torch.bfloat16 in onednn_dtypes() else None
-    return x.dtype if len(dtypes) == 1 and x.dtype in onednn_dtypes() else None
+    dtype = onednn_compute_dtype(x, weight, bias)
+    # Training: float32 only (never under autocast, where F.linear keeps autocast's casts and their gradients).
+    return None if training and dtype != torch.float32 else dtype
 
 
 def linear_choice(dtype: torch.dtype = torch.float32, *, training: bool = False) -> kernel_choice.Choice:
