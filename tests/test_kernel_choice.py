@@ -188,15 +188,27 @@ def test_both_linear_choices_match_f_linear(option: str, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("option", CONV_RELU_OPTIONS)
 @pytest.mark.parametrize("autocast", [False, True])
-def test_both_conv_relu_choices_match_f_conv2d(option: str, autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("residual_layout", [None, torch.channels_last, torch.contiguous_format])
+def test_both_conv_relu_choices_match_f_conv2d(
+    option: str, autocast: bool, residual_layout: torch.memory_format | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """relu(conv(x) + bias [+ residual]), the residual in either layout (a shortcut may be either)."""
     monkeypatch.setenv("DDETR_KERNELS", f"conv_relu={option}")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 13, 17, generator=generator).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(12, 8, 3, 3, generator=generator) / 8
     bias = torch.randn(12, generator=generator)
-    expected = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 2, 1))
+    residual = None
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), 2, 1)
+    if residual_layout is not None:
+        residual = torch.randn(2, 12, 7, 9, generator=generator).contiguous(memory_format=residual_layout)
+        expected = expected + residual.double()
+    expected = F.relu(expected)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = conv2d(x, weight, bias, stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1, relu=True)
+        if residual is not None and autocast:
+            residual = residual.bfloat16()  # as a shortcut computed under autocast is
+        out = conv2d(x, weight, bias, stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1, relu=True,
+                     residual=residual)  # fmt: skip
     assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
     tolerance = 3e-2 if autocast else 1e-5
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
@@ -214,6 +226,13 @@ def test_fused_and_unfused_resnets_give_the_same_features(monkeypatch: pytest.Mo
             features[option] = model(images)
     for fused, unfused in zip(features["fused"], features["unfused"], strict=True):
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    # Fused, the residual sums and ReLUs of the blocks are in oneDNN's epilogues: no separate pass runs.
+    monkeypatch.setenv("DDETR_KERNELS", "conv_relu=fused")
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        model(images)
+    ran = {event.key for event in profile.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ran
+    assert not ran & {"aten::add_", "aten::relu_", "aten::clamp_min_"}, ran
 
 
 def test_training_convolutions_keep_autograd_whatever_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,14 +48,20 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 
 
-def conv_frozen_bn(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """``norm(conv(x))`` (then ReLU when ``relu``) as one convolution: the frozen affine map folds into the kernel
-    and a bias. Mathematically identical (gradients included) and saves two full passes over every activation map.
-    """
+def conv_frozen_bn(
+    conv: nn.Conv2d,
+    norm: FrozenBatchNorm2d,
+    x: torch.Tensor,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``norm(conv(x))`` (plus ``residual``, then ReLU when ``relu``) as one convolution: the frozen affine map
+    folds into the kernel and a bias. Mathematically identical (gradients included) and saves two full passes over
+    every activation map."""
     scale, shift = norm.scale_and_shift()
     weight = conv.weight * scale.view(-1, 1, 1, 1)
     return conv2d(x, weight, shift, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                  groups=conv.groups, relu=relu)  # fmt: skip
+                  groups=conv.groups, relu=relu, residual=residual)  # fmt: skip
 
 
 def _shortcut(downsample: nn.Sequential | None, x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +91,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = _shortcut(self.downsample, x)
         out = conv_frozen_bn(self.conv1, self.bn1, x, relu=True)
-        out = conv_frozen_bn(self.conv2, self.bn2, out)
-        return F.relu(out.add_(shortcut), inplace=True)
+        return conv_frozen_bn(self.conv2, self.bn2, out, relu=True, residual=shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -110,8 +115,7 @@ class Bottleneck(nn.Module):
         shortcut = _shortcut(self.downsample, x)
         out = conv_frozen_bn(self.conv1, self.bn1, x, relu=True)
         out = conv_frozen_bn(self.conv2, self.bn2, out, relu=True)
-        out = conv_frozen_bn(self.conv3, self.bn3, out)
-        return F.relu(out.add_(shortcut), inplace=True)
+        return conv_frozen_bn(self.conv3, self.bn3, out, relu=True, residual=shortcut)
 
 
 def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:
