@@ -4,8 +4,8 @@
   reorders NCHW ones around every convolution (ResNet-50 at 800x1066, 2 threads, AMD EPYC: 0.40 s instead of 0.89 s).
 - ``conv_relu``: a convolution followed by ReLU as one oneDNN call with the ReLU in its epilogue (``fused``), or
   ``F.conv2d`` then an in-place ReLU pass over the output (``unfused``, the reference). Inference only (the
-  oneDNN op has no autograd formula): 7% of a 3x3 256-channel convolution at 100x134 on a 2-core Xeon. A
-  bottleneck's last convolution also takes the residual sum into that epilogue (``relu(conv(x) + shortcut)``):
+  oneDNN op has no autograd formula): 7% of a 3x3 256-channel convolution at 100x134 on a 2-core Xeon. A residual
+  block's last convolution also takes the residual sum into that epilogue (``relu(conv(x) + shortcut)``):
   two passes fewer over the block's widest map.
 
 Traced, compiled and float64 runs take ``F.conv2d`` and channels-last without measuring.
