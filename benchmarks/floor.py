@@ -43,10 +43,19 @@ def _onednn_conv_flops(x_shape: Any, weight_shape: Any, *args: Any, out_shape: A
     return conv_flop_count(list(x_shape), list(weight_shape), list(out_shape), transposed=False)
 
 
+def _onednn_residual_conv_flops(
+    x_shape: Any, residual_shape: Any, weight_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    """oneDNN's convolution with a residual sum in its epilogue: the residual comes before the weight."""
+    return conv_flop_count(list(x_shape), list(weight_shape), list(out_shape), transposed=False)
+
+
 def _custom_mapping() -> dict[Any, Callable[..., int]]:
+    """Formulas by op (overload packet) or, where one overload's arguments differ from the others', by overload."""
     mapping: dict[Any, Callable[..., int]] = {torch.ops.aten.mkldnn_convolution: _onednn_conv_flops}
     if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         mapping[torch.ops.mkldnn._convolution_pointwise] = _onednn_conv_flops
+        mapping[torch.ops.mkldnn._convolution_pointwise.binary] = _onednn_residual_conv_flops
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         mapping[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
     # In inference mode the dispatcher shows composite ops themselves, elsewhere the kernels they decompose into.
@@ -85,7 +94,7 @@ class _MacCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = self.registry.get(func._overloadpacket)
+        formula = self.registry.get(func, self.registry.get(func._overloadpacket))
         if formula is not None:
             name = func._overloadpacket.__name__
             self.flops[name] = self.flops.get(name, 0.0) + formula(*args, **kwargs, out_val=out)

@@ -52,11 +52,14 @@ def test_macs_are_counted_as_the_layers_define_them():
             F.linear(x, weight, bias)
             F.conv2d(image, kernel, padding=1)  # in inference mode: aten's oneDNN convolution itself
             conv2d(image, kernel, None, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True)
+            # With a residual sum (oneDNN's op takes the residual before the weight where the fusion is chosen).
+            conv2d(image, kernel, None, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True,
+                   residual=torch.ones(2, 8, 10, 12))  # fmt: skip
             F.scaled_dot_product_attention(query, query, query)
 
     counted = count_macs(forward)
     assert counted.matmul == 2 * (5 * 7 * 16 * 32) + 2 * 6 * 6 * (4 + 4)
-    assert counted.convolution == 2 * (2 * 10 * 12 * 8 * 3 * 3 * 3)
+    assert counted.convolution == 3 * (2 * 10 * 12 * 8 * 3 * 3 * 3)
 
     leaf, frozen_input, trained_input = weight.clone().requires_grad_(), x.clone(), x.clone().requires_grad_()
 
