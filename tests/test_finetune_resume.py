@@ -4,7 +4,6 @@ a checkpoint write killed at any point never leaves a folder that is taken for a
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -17,14 +16,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_model
 
 from ddetr import DeformableDetrForObjectDetection
 from finetune.config import TrainConfig
 from finetune.data.shapes import SHAPE_CLASSES, make_shapes_dataset
 from finetune.presets import preset_config
 from finetune.run import trainer as trainer_module
-from finetune.run.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from finetune.run.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
 
@@ -117,13 +116,27 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tmp_path: Pa
     assert resumed == losses, context
 
 
-def _keep_saving(directory: str, model: torch.nn.Module, payload: torch.Tensor, step: int) -> None:
-    # No tensor arithmetic here: after fork, torch's thread pool is unusable, and only file writing is tested.
-    while True:
-        step += 1
-        save_checkpoint(
-            Path(directory), step=step, epoch=0, model=model, train_state={"step": step, "payload": payload}, keep=2
-        )
+# Saves checkpoints step after step until killed. A fresh interpreter, not a fork of pytest's: by now pytest's
+# process may hold threads (earlier tests' servers), and a fork child can deadlock on a lock one of them held.
+_KEEP_SAVING = """
+import sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_model
+from ddetr import DeformableDetrForObjectDetection
+from finetune.data.shapes import SHAPE_CLASSES
+from finetune.presets import preset_config
+from finetune.run.checkpoints import save_checkpoint
+
+directory, weights, step = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+model = DeformableDetrForObjectDetection(preset_config("tiny", list(SHAPE_CLASSES)))
+load_model(model, weights)
+payload = torch.arange(200_000, dtype=torch.float32)
+print("ready", flush=True)
+while True:
+    step += 1
+    save_checkpoint(directory, step=step, epoch=0, model=model, train_state={"step": step, "payload": payload}, keep=2)
+"""
 
 
 @pytest.mark.slow
@@ -131,19 +144,29 @@ def test_checkpoint_writes_killed_at_random_points_never_look_complete(tmp_path:
     model = DeformableDetrForObjectDetection(preset_config("tiny", list(SHAPE_CLASSES)))
     restored = DeformableDetrForObjectDetection(preset_config("tiny", list(SHAPE_CLASSES)))
     payload = torch.arange(200_000, dtype=torch.float32)
-    # fork: the child starts at once, with torch already imported and the model built.
-    context = multiprocessing.get_context("fork")
+    weights, checkpoints = tmp_path / "weights.safetensors", tmp_path / "checkpoints"
+    save_model(model, str(weights))
     rng = random.Random(KILL_SEED)
     seen_steps = set()
-    for _ in range(20):
-        latest = latest_checkpoint(tmp_path)
+    for _ in range(12):
+        latest = latest_checkpoint(checkpoints)
         start = latest.step if latest is not None else 0
-        child = context.Process(target=_keep_saving, args=(str(tmp_path), model, payload, start))
-        child.start()
-        time.sleep(rng.uniform(0.05, 0.5))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(timeout=30)
-        for info in list_checkpoints(tmp_path):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _KEEP_SAVING, str(checkpoints), str(weights), str(start)],
+            env=_environment(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            # The kill moment is counted from the first write, not from the interpreter's start-up.
+            assert child.stdout is not None and child.stdout.readline() == "ready\n", "the saving child did not start"
+            time.sleep(rng.uniform(0.05, 0.5))
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+            if child.stdout is not None:
+                child.stdout.close()
+        for info in list_checkpoints(checkpoints):
             state = load_checkpoint(info, restored)
             assert state["step"] == info.step and torch.equal(state["payload"], payload), f"kill seed {KILL_SEED}"
             for name, value in model.state_dict().items():
