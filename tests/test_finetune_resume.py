@@ -23,7 +23,7 @@ from finetune.config import TrainConfig
 from finetune.data.shapes import SHAPE_CLASSES, make_shapes_dataset
 from finetune.presets import preset_config
 from finetune.run import trainer as trainer_module
-from finetune.run.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
+from finetune.run.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from finetune.run.launch import run_training
 from finetune.run.metrics_log import read_metrics
 
@@ -146,6 +146,10 @@ def test_checkpoint_writes_killed_at_random_points_never_look_complete(tmp_path:
     payload = torch.arange(200_000, dtype=torch.float32)
     weights, checkpoints = tmp_path / "weights.safetensors", tmp_path / "checkpoints"
     save_model(model, str(weights))
+    # Kill moments scale with this disk's write time (fsync can take long on a busy host): 0.3 to 6 writes in.
+    started = time.perf_counter()
+    save_checkpoint(tmp_path / "timing", step=1, epoch=0, model=model, train_state={"step": 1, "payload": payload})
+    write_seconds = time.perf_counter() - started
     rng = random.Random(KILL_SEED)
     seen_steps = set()
     for _ in range(12):
@@ -160,7 +164,7 @@ def test_checkpoint_writes_killed_at_random_points_never_look_complete(tmp_path:
         try:
             # The kill moment is counted from the first write, not from the interpreter's start-up.
             assert child.stdout is not None and child.stdout.readline() == "ready\n", "the saving child did not start"
-            time.sleep(rng.uniform(0.05, 0.5))
+            time.sleep(min(rng.uniform(0.3, 6.0) * write_seconds + 0.02, 5.0))
         finally:
             child.kill()
             child.wait(timeout=30)
