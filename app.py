@@ -41,7 +41,7 @@ from app_support.visitors import Visitors
 from app_support.zerogpu import on_zerogpu
 from ddetr.runtime.allocator import keep_freed_memory
 from ddetr.runtime.precision import PRECISIONS
-from ddetr.runtime.threads import configure_threads
+from ddetr.runtime.threads import ADAPTIVE, configure_threads, parse_threads
 
 TITLE = "Deformable DETR: detect and fine-tune"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -59,6 +59,9 @@ class AppConfig:
     max_loaded_models: int = 2
     # "auto": bf16 where native (>= 95% of fp32's top-100 detections kept), else fp32
     precision: str = "auto"
+    # torch's CPU threads for forward passes: a count, or "adaptive" (per input shape, whichever of the usable CPUs
+    # and one thread has lately been faster: beside other busy processes one thread wins)
+    threads: int | str = ADAPTIVE
     admin_token: str | None = None  # stops any visitor's job (else DDETR_ADMIN_TOKEN, or the Space's author)
     # "Sign in with Hugging Face" (visitors are then their login): None = when the Space has OAuth (hf_oauth: true).
     login: bool | None = None
@@ -121,7 +124,7 @@ def create_app(config: AppConfig = AppConfig()) -> tuple[gr.Blocks, AppServer]:
     previews = CheckpointPreviews()
     registry = ModelRegistry(paths.models, cli_model=config.model, finetuned=jobs.finished_models)
     detections = DownloadFolder(paths.scratch("detections"))
-    loader = functools.partial(load_detector, precision=config.precision)
+    loader = functools.partial(load_detector, precision=config.precision, threads=config.threads)
     detectors = DetectorCache(max_loaded=config.max_loaded_models, loader=loader)
     detect_tab = DetectTab(registry, detectors, detections, identities)
     live_tab = LiveTab(registry, detectors, config.live, identities)
@@ -228,6 +231,14 @@ def _settings_flags(
         )
 
 
+def threads_argument(text: str) -> int | str:
+    """``--threads``: a count or ``adaptive`` (argparse shows the reason of a refusal)."""
+    try:
+        return parse_threads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory or hub repo id to start the Detect tab with")
@@ -244,7 +255,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="inference precision: auto (bf16 where the CPU/GPU has it natively, else fp32), fp32 or bf16",
     )
     parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: the CPUs this process may use, cgroup quota included)"
+        "--threads",
+        type=threads_argument,
+        default=ADAPTIVE,
+        help="torch CPU threads of forward passes: a count, or adaptive (default): per input shape, whichever of the "
+        "CPUs this process may use (cgroup quota included) and one thread has lately been faster",
     )
     live = parser.add_argument_group("webcam stream (Detect tab, Webcam mode)")
     _settings_flags(live, "--live-", LiveSettings(), LIVE_FLAGS)
@@ -329,6 +344,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         runs_dir=args.runs_dir,
         labels_dir=args.labels_dir,
         precision=args.precision,
+        threads=args.threads,
         admin_token=args.admin_token,
         training=args.training,
         live=LiveSettings(**live, mirror=not args.no_mirror_webcam),
@@ -343,7 +359,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_args(args)
     except ValueError as error:
         raise SystemExit(f"app.py: error: {error}") from None
-    logging.getLogger(__name__).info("torch uses %d CPU threads", configure_threads(args.threads))
+    pinned = args.threads if isinstance(args.threads, int) else None
+    count = configure_threads(pinned)
+    how = "pinned" if pinned else "adaptive: this many or one, whichever is faster per input shape"
+    logging.getLogger(__name__).info("torch uses %d CPU threads (%s)", count, how)
     keep_freed_memory()
     launch(config, host=args.host, port=args.port, share=args.share)
 

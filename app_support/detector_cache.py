@@ -28,6 +28,7 @@ from app_support.model_choices import ModelChoice
 from app_support.zerogpu import gpu, on_zerogpu
 from ddetr.checkpoint.default_model import WEIGHT_FILES
 from ddetr.pipeline import Candidates
+from ddetr.runtime.threads import ADAPTIVE
 
 # The time box of one image's (or webcam frame's) forward pass on ZeroGPU, loading the model included.
 IMAGE_GPU_SECONDS = 30
@@ -40,10 +41,11 @@ class ModelLoadError(UserFacingError):
     """A listed model could not be loaded; the message says which and why."""
 
 
-def load_detector(source: str, precision: str = "auto") -> Detector:
-    """The app's detector: bf16 where the CPU or GPU computes it natively (``"auto"``), else fp32. On ZeroGPU the
+def load_detector(source: str, precision: str = "auto", threads: int | str = ADAPTIVE) -> Detector:
+    """The app's detector: bf16 where the CPU or GPU computes it natively (``"auto"``), else fp32; on CPU, forward
+    passes on ``threads`` (``"adaptive"``: per input shape, the faster of the usable CPUs and one). On ZeroGPU the
     model goes to ``cuda`` when it is loaded, in the main process, as ZeroGPU asks (it emulates CUDA there)."""
-    return ddetr.pipeline(model=source, precision=precision, device="cuda" if on_zerogpu() else None)
+    return ddetr.pipeline(model=source, precision=precision, threads=threads, device="cuda" if on_zerogpu() else None)
 
 
 def _version(choice: ModelChoice) -> float:

@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from app import AppConfig, launch, threads_argument
 from app_support.live_tab import LiveSettings, LiveTab
 from benchmarks.clips import write_y4m
+from ddetr.runtime.threads import ADAPTIVE, configure_threads
 
 BUNDLED = Path(__file__).resolve().parents[1] / "ddetr" / "bundled" / "ddetr-shapes"
 TARGET_FPS = 12.0
@@ -92,7 +94,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help=f"seconds between frames the browser captures (default {defaults.stream_every}, the app's)",
     )
     parser.add_argument("--precision", default="auto", help="the app's --precision (default auto)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of the server (default 2)")
+    parser.add_argument("--threads", type=threads_argument, default=ADAPTIVE,
+                        help="the app's --threads: a count, or adaptive (default, the app's)")  # fmt: skip
     parser.add_argument("--headed", action="store_true", help="show the browser window (needs a display)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser.parse_args(argv)
@@ -332,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no Chromium found (apt-get install -y chromium, or set CHROMIUM_PATH)", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model only: nothing to download
-    torch.set_num_threads(args.threads)
-    from app import AppConfig, launch  # after the thread count: the app keeps torch's setting
+    configure_threads(args.threads if isinstance(args.threads, int) else None)  # what app.py's main does
 
     timer = ServerTimer()
     timer.install()
@@ -341,12 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(directory)
         camera = write_y4m(root / "camera.y4m", 60)  # 4 s at 15 fps, looped by Chromium; 28 MB of raw frames
         config = AppConfig(model=str(BUNDLED), models_dir=root / "models", runs_dir=root / "runs",
-                           precision=args.precision, live=LiveSettings(stream_every=args.stream_every))  # fmt: skip
+                           precision=args.precision, threads=args.threads,
+                           live=LiveSettings(stream_every=args.stream_every))  # fmt: skip
         launched = launch(config, host="127.0.0.1", block=False)
         url = launched.url
         try:
             print(f"app at {url}; Chromium {executable}; stream_every {args.stream_every} s; "
-                  f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+                  f"torch threads {torch.get_num_threads()} ({args.threads}); "
+                  f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
             log, first, cpu = stream(args, url, camera, executable)
         finally:
             launched.close()
@@ -354,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     results = analyse(log, timer.calls, (first, log["end"]), warmup_ms=2000)
     results["cpu_cores_used"] = cpu
     results["setup"] = {"seconds": args.seconds, "stream_every": args.stream_every, "precision": args.precision,
-                        "torch_threads": torch.get_num_threads(), "camera": "640x480 y4m at 15 fps, looped",
+                        "torch_threads": torch.get_num_threads(), "threads": args.threads,
+                        "camera": "640x480 y4m at 15 fps, looped",
                         "targets": {"fps": TARGET_FPS, "p95_ms": TARGET_P95_MS}}  # fmt: skip
     print_table(results)
     if args.json:

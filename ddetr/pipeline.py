@@ -8,6 +8,7 @@ re-filter them by threshold, count or class without running the model again (``C
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,7 +24,7 @@ from ddetr.model.object_detection import DeformableDetrForObjectDetection
 from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError, post_process_object_detection
 from ddetr.runtime.allocator import keep_freed_memory
 from ddetr.runtime.precision import Precision, resolve_precision
-from ddetr.runtime.threads import configure_threads
+from ddetr.runtime.threads import ADAPTIVE, AdaptiveThreads, adaptive_threads, configure_threads
 
 if TYPE_CHECKING:
     from ddetr.video import FrameResult, VideoLimits
@@ -180,6 +181,7 @@ class ObjectDetectionPipeline:
         threshold: float = 0.5,
         top_k: int = 100,
         precision: str | Precision = "fp32",
+        threads: AdaptiveThreads | None = None,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -187,6 +189,8 @@ class ObjectDetectionPipeline:
         self.top_k = top_k
         # "auto" is resolved once, for the model's device: bf16 where the hardware computes it natively.
         self.precision = precision if isinstance(precision, Precision) else resolve_precision(precision, self.device)
+        # Thread counts tried per input shape; None runs on torch's current count. Only CPU forward passes use it.
+        self.threads = threads if self.device.type == "cpu" else None
 
     @property
     def device(self) -> torch.device:
@@ -206,14 +210,17 @@ class ObjectDetectionPipeline:
         pictures = [self.processor.load_image(image) for image in images]
         override = inference_size(size)
         inputs = self.processor(pictures, device=self.device, **({"size": override} if override else {}))
-        return detect_candidates(
-            self.model,
-            inputs["pixel_values"],
-            inputs["pixel_mask"],
-            image_sizes=[(picture.height, picture.width) for picture in pictures],
-            precision=self.precision,
-            top_k=top_k,
-        )
+        # (batch, 3, height, width)
+        pixel_values = inputs["pixel_values"]
+        with self.threads.running(tuple(pixel_values.shape)) if self.threads else contextlib.nullcontext():
+            return detect_candidates(
+                self.model,
+                pixel_values,
+                inputs["pixel_mask"],
+                image_sizes=[(picture.height, picture.width) for picture in pictures],
+                precision=self.precision,
+                top_k=top_k,
+            )
 
     def video(
         self,
@@ -282,7 +289,7 @@ def pipeline(
     threshold: float = 0.5,
     top_k: int = 100,
     precision: str = "fp32",
-    threads: int | None = None,
+    threads: int | str | None = None,
 ) -> ObjectDetectionPipeline:
     """Build a detector. ``model`` is a directory, a hub repo id, or a loaded model; None means
     ``SenseTime/deformable-detr`` when cached or reachable, else the bundled shapes model (logged).
@@ -291,13 +298,21 @@ def pipeline(
     bfloat16; boxes, sampling locations and scores stay float32), or ``"auto"`` (bf16 where native).
 
     ``threads``: torch's CPU threads; None caps torch's default at the CPUs this process may use (see
-    :func:`ddetr.runtime.threads.configure_threads`). Freed activations are kept for the next call instead of being
-    returned to the OS (:func:`ddetr.runtime.allocator.keep_freed_memory`; ``DDETR_KEEP_FREED_MEMORY=0`` turns it
-    off).
+    :func:`ddetr.runtime.threads.configure_threads`); ``"adaptive"`` runs each input shape on whichever of that
+    count and one thread has lately been faster (:class:`ddetr.runtime.threads.AdaptiveThreads`: on a machine shared
+    with other busy processes, one thread can be the faster). Freed activations are kept for the next call instead
+    of being returned to the OS (:func:`ddetr.runtime.allocator.keep_freed_memory`; ``DDETR_KEEP_FREED_MEMORY=0``
+    turns it off).
     """
     if task != "object-detection":
         raise ValueError(f"only the 'object-detection' task is supported, got {task!r}")
-    configure_threads(threads)
+    tuner = None
+    if threads == ADAPTIVE:
+        tuner = adaptive_threads()
+    elif isinstance(threads, str):
+        raise ValueError(f"threads must be a positive int, None or {ADAPTIVE!r}, got {threads!r}")
+    else:
+        configure_threads(threads)
     keep_freed_memory()
     source: str | os.PathLike | None = None
     if model is None:
@@ -312,7 +327,7 @@ def pipeline(
     if processor is None:
         processor = load_processor(source)
     return ObjectDetectionPipeline(
-        model=model, processor=processor, threshold=threshold, top_k=top_k, precision=precision
+        model=model, processor=processor, threshold=threshold, top_k=top_k, precision=precision, threads=tuner
     )
 
 
