@@ -21,6 +21,7 @@ import torch
 from ddetr.checkpoint.default_model import default_model
 from ddetr.checkpoint.hub import resolve_file
 from ddetr.model.object_detection import DeformableDetrForObjectDetection
+from ddetr.ops.prepared_weights import reusing_prepared_weights
 from ddetr.processing import DeformableDetrImageProcessorFast, ImageInputError, post_process_object_detection
 from ddetr.runtime.allocator import keep_freed_memory
 from ddetr.runtime.precision import Precision, resolve_precision
@@ -140,7 +141,7 @@ def detect_candidates(
         raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {pixel_values.shape[0]} images")
     if pixel_values.shape[0] == 0:
         return []
-    with precision.autocast(pixel_values.device):
+    with precision.autocast(pixel_values.device), reusing_prepared_weights():
         outputs = model(pixel_values, pixel_mask)
     # Pixel coordinates need float32 whatever the model computed in (bf16 steps by 8 above 1024).
     scored = {"logits": outputs.logits.float(), "pred_boxes": outputs.pred_boxes.float()}

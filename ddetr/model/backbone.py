@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddetr.ops.conv import conv2d, conv_layout_choice
+from ddetr.ops.prepared_weights import prepared
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -58,10 +59,29 @@ def conv_frozen_bn(
     """``norm(conv(x))`` (plus ``residual``, then ReLU when ``relu``) as one convolution: the frozen affine map
     folds into the kernel and a bias. Mathematically identical (gradients included) and saves two full passes over
     every activation map."""
-    scale, shift = norm.scale_and_shift()
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    dtype = _kernel_dtype(conv.weight)
+    if dtype == conv.weight.dtype:
+        weight, shift = _folded(conv, norm, dtype)
+    else:  # kept between forward passes, like every weight cast (ddetr.ops.prepared_weights)
+        sources = (conv.weight, *norm.buffers())
+        weight, shift = prepared(sources, ("frozen_bn", dtype), lambda: _folded(conv, norm, dtype))
     return conv2d(x, weight, shift, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                   groups=conv.groups, relu=relu, residual=residual)  # fmt: skip
+
+
+def _kernel_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution computes in: autocast's for a float32 kernel under autocast (the cast it would make
+    itself, made once with the fold so that only the bf16 kernel is kept), else the kernel's own."""
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _folded(conv: nn.Conv2d, norm: FrozenBatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv`` followed by ``norm`` as one kernel and a bias, in ``dtype``."""
+    scale, shift = norm.scale_and_shift()
+    return (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
 
 
 def _shortcut(downsample: nn.Sequential | None, x: torch.Tensor) -> torch.Tensor:

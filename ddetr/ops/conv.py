@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ddetr.ops.onednn_dtypes import onednn_compute_dtype
+from ddetr.ops.prepared_weights import cast
 from ddetr.runtime import kernel_choice
 
 CONV_RELU_OPTIONS = ("fused", "unfused")
@@ -56,12 +57,13 @@ def conv2d(
     and the ReLU run in oneDNN's convolution epilogue where that measured faster on this machine."""
     dtype = _onednn_conv_dtype(x, weight, bias, residual) if relu and not isinstance(padding, str) else None
     if dtype is not None and conv_relu_choice(dtype).option == "fused":
-        bias = bias.to(dtype) if bias is not None else None
+        bias = cast(bias, dtype) if bias is not None else None
+        weight = cast(weight, dtype)
         layout = (list(padding), list(stride), list(dilation), groups)
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight.to(dtype), bias, *layout, "relu", [], "")
+            return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight, bias, *layout, "relu", [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x.to(dtype), residual.to(dtype), weight.to(dtype), bias, *layout, "add", None, "relu", [], ""
+            x.to(dtype), residual.to(dtype), weight, bias, *layout, "add", None, "relu", [], ""
         )
     out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if residual is not None:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from ddetr.ops.onednn_dtypes import onednn_compute_dtype
+from ddetr.ops.prepared_weights import cast
 from ddetr.runtime import kernel_choice
 
 LINEAR_OPTIONS = ("onednn", "aten")
@@ -170,8 +171,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rel
     elif training:
         out = _OneDnnLinear.apply(flat, weight, bias, relu)
     else:
-        bias = bias.to(dtype) if bias is not None else None
-        out = _onednn_linear(flat.to(dtype), weight.to(dtype), bias, relu)
+        bias = cast(bias, dtype) if bias is not None else None
+        out = _onednn_linear(flat.to(dtype), cast(weight, dtype), bias, relu)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
