@@ -20,9 +20,10 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import PIL.Image
+import torch
 
 from app_support.detect_controls import DetectControls
-from app_support.detector_cache import DetectorCache
+from app_support.detector_cache import Detector, DetectorCache
 from app_support.errors import user_errors
 from app_support.model_choices import ModelRegistry
 from app_support.owners import Identities
@@ -64,6 +65,15 @@ class LiveSession:
             return 0.0
         span = self.answered[-1] - self.answered[0]
         return (len(self.answered) - 1) / span if span > 0 else 0.0
+
+
+def _threads_note(detector: Detector) -> str:
+    """ " on N threads" for a CPU model: with ``--threads adaptive`` the count the latest forward pass ran on."""
+    if detector.device.type != "cpu":
+        return ""
+    count = detector.threads.last_count if detector.threads is not None else None
+    count = count or torch.get_num_threads()
+    return f" on {count} thread{'s' if count > 1 else ''}"
 
 
 class LiveTab:
@@ -112,8 +122,8 @@ class LiveTab:
         session.answered.append(time.perf_counter())
         session.frames += 1
         stats = (
-            f"**{session.fps():.1f} fps** · model {model_ms:.0f} ms · {len(detections)} boxes · "
-            f"{picture.width}×{picture.height} px · {describe_counts(session.tracker.seen())}"
+            f"**{session.fps():.1f} fps** · model {model_ms:.0f} ms{_threads_note(detector)} · "
+            f"{len(detections)} boxes · {picture.width}×{picture.height} px · {describe_counts(session.tracker.seen())}"
         )
         return annotated, stats, session
 

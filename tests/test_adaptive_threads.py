@@ -32,6 +32,7 @@ class Workload:
             assert torch.get_num_threads() == count
             self.ran_on.append(count)
             self.now += (seconds or self.seconds)[count]
+        assert tuner.last_count == count
         return count
 
 

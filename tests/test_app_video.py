@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ def test_live_frames_follow_the_threshold_and_keep_track_ids(handlers: dict[str,
         image, stats, session = live.stream_frame(frame, None, 0, 0.3, 100, [], None, session)
         assert image.size == (moving_shapes_clip.width, moving_shapes_clip.height)
         assert "fps" in stats and "model" in stats
+        assert re.search(r"model \d+ ms on [12] threads? ·", stats), stats
     assert session is not None and session.frames == 8 and session.fps() > 0
     assert sum(session.tracker.seen().values()) >= 2  # at least two shapes tracked over the frames
     _, stats, session = live.stream_frame(frames[8], None, 0, 0.99, 100, [], None, session)

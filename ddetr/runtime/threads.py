@@ -120,6 +120,7 @@ class AdaptiveThreads:
         self._clock = clock
         self._lock = threading.Lock()
         self._timings: OrderedDict[Hashable, _Timings] = OrderedDict()
+        self.last_count: int | None = None  # the count the latest call ran on (for display)
 
     def estimates(self, key: Hashable) -> dict[int, float]:
         """Smoothed seconds per thread count measured so far for ``key``."""
@@ -161,6 +162,7 @@ class AdaptiveThreads:
         """Run the body on the chosen thread count (yielded) and time it; torch's count is restored afterwards. A
         body that raises is not counted."""
         count, counted = self._next_count(key)
+        self.last_count = count
         previous = torch.get_num_threads()
         torch.set_num_threads(count)
         try:
