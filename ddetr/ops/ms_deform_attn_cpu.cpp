@@ -27,9 +27,9 @@
 #include <vector>
 
 // The forward pass prefers 512-bit vectors where the CPU has them (AVX-512 and -march=native): on a 2-core Xeon
-// with AMX its bfloat16 kernel took 0.79-0.84x the time (fewer conversions per channel), float32 0.94-0.99x. The
-// backward keeps the compiler's default width: 512 bits made it 1.13-1.18x slower there. GCC only; other compilers
-// ignore the preference.
+// with AMX its bfloat16 kernel took 0.79-0.85x the time (fewer instructions to widen bfloat16), float32
+// 0.96-0.98x. The backward keeps the compiler's default width: 512 bits made it 1.13-1.18x slower there. GCC only;
+// other compilers build without the preference.
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define DDETR_WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
 #else
@@ -101,9 +101,10 @@ inline bool resolve(T x, T y, int64_t height, int64_t width, const V* level_valu
 // kDim > 0 fixes head_dim at compile time so the channel loops unroll into a few vector instructions; kDim == 0 is
 // the generic runtime-sized version.
 template <typename V, typename T, int kDim>
-DDETR_WIDE_VECTORS void forward_impl(const V* value, const int64_t* shapes, const int64_t* starts, const T* locations, const T* weights,
-                  T* output, int64_t batch, int64_t sequence, int64_t queries, int64_t heads, int64_t head_dim_runtime,
-                  int64_t levels, int64_t points, int num_threads) {
+DDETR_WIDE_VECTORS void forward_impl(const V* value, const int64_t* shapes, const int64_t* starts,
+                                     const T* locations, const T* weights, T* output, int64_t batch, int64_t sequence,
+                                     int64_t queries, int64_t heads, int64_t head_dim_runtime, int64_t levels,
+                                     int64_t points, int num_threads) {
   const int64_t head_dim = kDim > 0 ? kDim : head_dim_runtime;
   const int64_t row_stride = heads * head_dim;
   const int64_t samples = levels * points;
