@@ -53,8 +53,9 @@ def test_after_measuring_both_counts_calls_run_on_the_faster(two_threads, second
     slower = 3 - faster
     # warm-up on the first count (not counted), one measurement of each, then the faster one but for explorations
     assert work.ran_on[:3] == [2, 2, 1]
+    # both measured by call 3; explorations 10 calls later, then 20, then 40: the slower count stayed slower
     explorations = [call for call in range(4, 42) if work.ran_on[call - 1] == slower]
-    assert explorations == [10, 20, 30, 40]
+    assert explorations == [13, 33]
     assert work.ran_on[-1] == faster
     assert tuner.estimates("frame") == pytest.approx(seconds)
     assert torch.get_num_threads() == 2
@@ -65,19 +66,21 @@ def test_a_change_of_load_is_noticed_by_the_explorations(two_threads) -> None:
     tuner = AdaptiveThreads(counts=(2, 1), explore_every=5, smoothing=0.5, clock=work.clock)
     for _ in range(20):
         work.call(tuner)
-    # calls 2-20 ran on two threads but for the first measurement of one (3) and the explorations (5, 10, 15, 20)
-    assert [call for call in range(2, 21) if work.ran_on[call - 1] == 1] == [3, 5, 10, 15, 20]
+    # calls 2-20 ran on two threads but for the first measurement of one (3) and the explorations (8, then 10 and
+    # 20 calls apart as one thread stays the slower)
+    assert [call for call in range(2, 21) if work.ran_on[call - 1] == 1] == [3, 8, 18]
     work.seconds = {2: 0.26, 1: 0.09}  # a busy neighbour: two threads now wait on each other
     for _ in range(20):
         work.call(tuner)
-    # two threads once more (21: its estimate rises), then one but for the explorations
-    assert [call for call in range(21, 41) if work.ran_on[call - 1] == 2] == [21, 25, 30, 35, 40]
+    # two threads once more (21: its estimate rises above one thread's), then one; the change brings explorations
+    # back to every 5 calls (26), then 10 (36) as two threads stay the slower
+    assert [call for call in range(21, 41) if work.ran_on[call - 1] == 2] == [21, 26, 36]
     work.seconds = {2: 0.06, 1: 0.09}  # the neighbour is gone
     for _ in range(40):
         work.call(tuner)
-    # the explorations at 45, 50, 55 bring two threads' estimate below one thread's: back to two, but for the
-    # explorations of one thread (60, 65, ...)
-    expected = [45, 50, 55] + [call for call in range(56, 81) if call % 5]
+    # the next exploration (56, 20 calls after 36) finds two threads faster and switches at once (its time replaces
+    # the old estimate); one thread is then explored 5 (61) and 10 (71) calls later
+    expected = [call for call in range(56, 81) if call not in (61, 71)]
     assert [call for call in range(41, 81) if work.ran_on[call - 1] == 2] == expected
 
 
@@ -122,7 +125,8 @@ def test_a_call_that_raises_restores_the_thread_count_and_is_not_counted(two_thr
 @pytest.mark.parametrize(
     "arguments",
     [{"counts": ()}, {"counts": (2, 2)}, {"counts": (0, 1)}, {"counts": (2, True)},
-     {"counts": (2, 1), "explore_every": 1}, {"counts": (2, 1), "smoothing": 0.0}, {"counts": (2, 1), "max_keys": 0}],
+     {"counts": (2, 1), "explore_every": 1}, {"counts": (2, 1), "explore_every": 8, "max_explore_every": 4},
+     {"counts": (2, 1), "smoothing": 0.0}, {"counts": (2, 1), "max_keys": 0}],
 )  # fmt: skip
 def test_bad_settings_are_refused(arguments) -> None:
     with pytest.raises(ValueError):

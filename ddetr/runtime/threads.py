@@ -77,6 +77,9 @@ class _Timings:
     calls: int = 0
     seconds: dict[int, float] = field(default_factory=dict)
     last_run: dict[int, int] = field(default_factory=dict)
+    interval: int = 0  # calls between explorations
+    next_exploration: int = 0  # the call that explores next (0: not every count measured yet)
+    exploring: int | None = None  # the count an exploration runs on, until its time is recorded
 
 
 class AdaptiveThreads:
@@ -86,7 +89,10 @@ class AdaptiveThreads:
     visitor's video, a training child) two OpenMP threads on a 2-core machine wait on each other and took 2.7x
     longer than one thread; on an idle machine they were 1.5x faster. So each kind of call (its ``key``: e.g. the
     input's shape) is timed on every count, then runs on the count with the lowest smoothed time, and every
-    ``explore_every``-th call runs on the count measured longest ago to notice when the load has changed.
+    ``explore_every``-th call runs on the count measured longest ago to notice when the load has changed (its time
+    replaces that count's old estimate). An exploration that finds its count still slower doubles the interval to
+    the next one, up to ``max_explore_every``, since each costs a slow call (one in 16 at 2.7x is 11% more time);
+    a change of the faster count brings the interval back to ``explore_every``.
 
     The first call of a key is a warm-up (caches, allocations) and is not counted. ``torch.set_num_threads`` is
     process-wide: calls through one tuner should not overlap (the app serialises forward passes anyway); overlapping
@@ -98,6 +104,7 @@ class AdaptiveThreads:
         *,
         counts: Sequence[int],
         explore_every: int = 16,
+        max_explore_every: int = 128,
         smoothing: float = 0.3,
         max_keys: int = 64,
         clock: Callable[[], float] = time.perf_counter,
@@ -109,12 +116,15 @@ class AdaptiveThreads:
                 raise ValueError(f"thread counts must be positive ints, got {count!r}")
         if explore_every < 2:
             raise ValueError(f"explore_every must be at least 2, got {explore_every}")
+        if max_explore_every < explore_every:
+            raise ValueError(f"max_explore_every must be at least explore_every, got {max_explore_every}")
         if not 0.0 < smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
         if max_keys < 1:
             raise ValueError(f"max_keys must be at least 1, got {max_keys}")
         self.counts = tuple(counts)
         self.explore_every = explore_every
+        self.max_explore_every = max_explore_every
         self.smoothing = smoothing
         self.max_keys = max_keys
         self._clock = clock
@@ -138,13 +148,13 @@ class AdaptiveThreads:
             timings.calls += 1
             if timings.calls == 1:
                 return self.counts[0], False
-            unmeasured = [count for count in self.counts if count not in timings.seconds]
-            if unmeasured:
-                return unmeasured[0], True
-            best = min(self.counts, key=lambda count: timings.seconds[count])
-            if len(self.counts) > 1 and timings.calls % self.explore_every == 0:
+            best = self._best(timings)
+            if best is None:
+                return next(count for count in self.counts if count not in timings.seconds), True
+            if len(self.counts) > 1 and timings.calls >= timings.next_exploration > 0:
                 others = [count for count in self.counts if count != best]
-                return min(others, key=lambda count: timings.last_run.get(count, -1)), True
+                timings.exploring = min(others, key=lambda count: timings.last_run.get(count, -1))
+                return timings.exploring, True
             return best, True
 
     def _record(self, key: Hashable, count: int, seconds: float) -> None:
@@ -152,10 +162,33 @@ class AdaptiveThreads:
             timings = self._timings.get(key)
             if timings is None:  # evicted meanwhile
                 return
+            best_before = self._best(timings)
             previous = timings.seconds.get(count)
-            smoothed = seconds if previous is None else previous + self.smoothing * (seconds - previous)
-            timings.seconds[count] = smoothed
+            explored = timings.exploring == count
+            # An exploration's time replaces its count's estimate outright: that estimate is old by now.
+            if previous is None or explored:
+                timings.seconds[count] = seconds
+            else:
+                timings.seconds[count] = previous + self.smoothing * (seconds - previous)
             timings.last_run[count] = timings.calls
+            best = self._best(timings)
+            if explored:
+                timings.exploring = None
+            if best is None:
+                return
+            if best_before is None or best != best_before:
+                timings.interval = self.explore_every  # new ground: look again soon
+            elif explored:
+                timings.interval = min(2 * timings.interval, self.max_explore_every)  # the same answer again
+            else:
+                return
+            timings.next_exploration = timings.calls + timings.interval
+
+    def _best(self, timings: _Timings) -> int | None:
+        """The count with the lowest estimate, None until every count has one."""
+        if len(timings.seconds) < len(self.counts):
+            return None
+        return min(self.counts, key=lambda count: timings.seconds[count])
 
     @contextmanager
     def running(self, key: Hashable) -> Iterator[int]:
