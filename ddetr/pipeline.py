@@ -141,7 +141,7 @@ def detect_candidates(
         raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {pixel_values.shape[0]} images")
     if pixel_values.shape[0] == 0:
         return []
-    with precision.autocast(pixel_values.device), reusing_prepared_weights():
+    with precision.autocast(pixel_values.device):
         outputs = model(pixel_values, pixel_mask)
     # Pixel coordinates need float32 whatever the model computed in (bf16 steps by 8 above 1024).
     scored = {"logits": outputs.logits.float(), "pred_boxes": outputs.pred_boxes.float()}
@@ -213,7 +213,10 @@ class ObjectDetectionPipeline:
         inputs = self.processor(pictures, device=self.device, **({"size": override} if override else {}))
         # (batch, 3, height, width)
         pixel_values = inputs["pixel_values"]
-        with self.threads.running(tuple(pixel_values.shape)) if self.threads else contextlib.nullcontext():
+        threads = self.threads.running(tuple(pixel_values.shape)) if self.threads else contextlib.nullcontext()
+        # The pipeline's own model is not trained under it, so its bf16 weight casts can be kept between calls
+        # (ddetr.ops.prepared_weights); detect_candidates alone, as fine-tuning evaluates, keeps nothing.
+        with threads, reusing_prepared_weights():
             return detect_candidates(
                 self.model,
                 pixel_values,

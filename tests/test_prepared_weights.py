@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 
 from ddetr import DeformableDetrForObjectDetection
 from ddetr.ops import prepared_weights
 from ddetr.ops.prepared_weights import cast, forget_prepared_weights, prepared, reusing_prepared_weights
-from ddetr.pipeline import detect_candidates
-from ddetr.runtime.precision import BF16
+from ddetr.pipeline import ObjectDetectionPipeline, detect_candidates
+from ddetr.processing import DeformableDetrImageProcessorFast
+from ddetr.runtime.precision import BF16, FP32
 from finetune.data.shapes import SHAPE_CLASSES
 from finetune.presets import preset_config
 
@@ -98,15 +100,19 @@ def test_bf16_detections_with_kept_weights_equal_those_prepared_afresh_and_follo
     mask = torch.ones(1, 96, 128, dtype=torch.long)
 
     def detect():
-        (found,) = detect_candidates(model, pixels, mask, image_sizes=[(96, 128)], precision=BF16, top_k=50)
+        with reusing_prepared_weights():  # as ObjectDetectionPipeline.candidates does
+            (found,) = detect_candidates(model, pixels, mask, image_sizes=[(96, 128)], precision=BF16, top_k=50)
         return found
 
     expected = _forward_afresh(model, pixels, mask)
+    kept_values = []
     for _ in range(2):  # the second call runs on the kept weights
         found = detect()
         assert _kept() > 0
+        kept_values.append({id(value) for entries in prepared_weights._cache.values() for _, value in entries.values()})
         reference = torch.topk(expected.logits.float().sigmoid().flatten(), 50).values.numpy()
         assert found.scores.tolist() == pytest.approx(reference.tolist(), abs=1e-6)
+    assert kept_values[0] == kept_values[1]  # reused, not made again
     kept = _kept()
     # a fine-tuning step changes the weights in place: the next detection uses the new ones
     with torch.no_grad():
@@ -126,9 +132,31 @@ def test_bf16_detections_with_kept_weights_equal_those_prepared_afresh_and_follo
 
 
 def test_float32_inference_keeps_nothing() -> None:
-    from ddetr.runtime.precision import FP32
-
     model = _model()
     pixels = torch.randn(1, 3, 64, 64)
-    detect_candidates(model, pixels, torch.ones(1, 64, 64, dtype=torch.long), image_sizes=[(64, 64)], precision=FP32)
+    with reusing_prepared_weights():
+        mask = torch.ones(1, 64, 64, dtype=torch.long)
+        detect_candidates(model, pixels, mask, image_sizes=[(64, 64)], precision=FP32)
     assert _kept() == 0
+
+
+def test_the_pipeline_keeps_casts_but_fine_tuning_evaluation_does_not() -> None:
+    model = _model()
+    pipeline = ObjectDetectionPipeline(model=model, processor=DeformableDetrImageProcessorFast(), precision=BF16)
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    pipeline.candidates([image], size=96)
+    assert _kept() > 0
+    forget_prepared_weights()
+    # Fine-tuning evaluates through detect_candidates between steps of a fused AdamW, which leaves the version
+    # counters alone: nothing may be kept there, so every evaluation sees the current weights.
+    pixels = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(1, 96, 128, dtype=torch.long)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    before = detect_candidates(model, pixels, mask, image_sizes=[(96, 128)], precision=BF16, top_k=100)[0]
+    assert _kept() == 0
+    sum(parameter.float().square().sum() for parameter in model.parameters()).backward()
+    optimizer.step()
+    after = detect_candidates(model, pixels, mask, image_sizes=[(96, 128)], precision=BF16, top_k=100)[0]
+    reference = torch.topk(_forward_afresh(model, pixels, mask).logits.float().sigmoid().flatten(), 100).values
+    assert after.scores.tolist() == pytest.approx(reference.numpy().tolist(), abs=1e-6)
+    assert after.scores.tolist() != pytest.approx(before.scores.tolist(), abs=1e-6)

@@ -73,7 +73,11 @@ def _kernel_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype the convolution computes in: autocast's for a float32 kernel under autocast (the cast it would make
     itself, made once with the fold so that only the bf16 kernel is kept), else the kernel's own."""
     device = weight.device.type
-    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+    try:
+        autocast = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type without autocast (meta: shape probing)
+        return weight.dtype
+    if weight.dtype == torch.float32 and autocast:
         return torch.get_autocast_dtype(device)
     return weight.dtype
 

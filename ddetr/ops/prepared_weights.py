@@ -7,12 +7,13 @@ into every kernel again. Keeping them made the bundled model's forward on a 640x
 size in memory (64 MiB for the ResNet-50 model). float32 runs keep nothing: their weights need no cast, and keeping
 folded float32 kernels (90 MiB there) measured no faster.
 
-Reuse is scoped: only inside :func:`reusing_prepared_weights` (which ``ddetr.pipeline.detect_candidates`` enters,
-under ``torch.inference_mode``), and only where no gradient is recorded and nothing is traced or compiled. A
-prepared tensor is reused while each of its sources keeps its storage, dtype, shape and version counter. In-place
-updates bump the counter (optimizer steps, ``load_state_dict``, ``copy_`` and ``lerp_`` under ``no_grad``, as
-EMA does); writes through ``tensor.data`` do not, so weights changed that way are seen only after
-``forget_prepared_weights()``.
+Reuse is scoped: only inside :func:`reusing_prepared_weights`, which ``ObjectDetectionPipeline.candidates``
+enters (the app, the library's detector, video) and ``detect_candidates`` alone does not (fine-tuning evaluates
+through it), and only where no gradient is recorded and nothing is traced or compiled. A prepared tensor is reused
+while each of its sources keeps its storage, dtype, shape and version counter. Most in-place updates bump the
+counter (``load_state_dict``, ``copy_`` and ``lerp_`` under ``no_grad`` as EMA does, foreach optimizers); a fused
+optimizer (``AdamW(fused=True)``) and writes through ``tensor.data`` do not: after changing a pipeline's model that
+way, call ``forget_prepared_weights()``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _signature(sources: tuple[torch.Tensor, ...]) -> tuple[Any, ...] | None:
 
 
 def _may_reuse(sources: tuple[torch.Tensor, ...]) -> bool:
-    if not _reusing.get() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    # Compiling first: Dynamo cannot trace ContextVar.get, and would break the graph at every weight.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _reusing.get():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
 

@@ -197,13 +197,15 @@ class AdaptiveThreads:
         count, counted = self._next_count(key)
         self.last_count = count
         previous = torch.get_num_threads()
-        torch.set_num_threads(count)
+        if count != previous:  # set_num_threads also drops oneDNN's cached computations: only when needed
+            torch.set_num_threads(count)
         try:
             started = self._clock()
             yield count
             elapsed = self._clock() - started
         finally:
-            torch.set_num_threads(previous)
+            if count != previous:
+                torch.set_num_threads(previous)
         if counted:
             self._record(key, count, elapsed)
 
