@@ -71,7 +71,7 @@ def _threads_note(detector: Detector) -> str:
     """ " on N threads" for a CPU model: with ``--threads adaptive`` the count the latest forward pass ran on."""
     if detector.device.type != "cpu":
         return ""
-    count = detector.threads.last_count if detector.threads is not None else None
+    count = detector.thread_tuner.last_count if detector.thread_tuner is not None else None
     count = count or torch.get_num_threads()
     return f" on {count} thread{'s' if count > 1 else ''}"
 

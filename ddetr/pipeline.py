@@ -182,7 +182,7 @@ class ObjectDetectionPipeline:
         threshold: float = 0.5,
         top_k: int = 100,
         precision: str | Precision = "fp32",
-        threads: AdaptiveThreads | None = None,
+        thread_tuner: AdaptiveThreads | None = None,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -191,7 +191,7 @@ class ObjectDetectionPipeline:
         # "auto" is resolved once, for the model's device: bf16 where the hardware computes it natively.
         self.precision = precision if isinstance(precision, Precision) else resolve_precision(precision, self.device)
         # Thread counts tried per input shape; None runs on torch's current count. Only CPU forward passes use it.
-        self.threads = threads if self.device.type == "cpu" else None
+        self.thread_tuner = thread_tuner if self.device.type == "cpu" else None
 
     @property
     def device(self) -> torch.device:
@@ -213,7 +213,8 @@ class ObjectDetectionPipeline:
         inputs = self.processor(pictures, device=self.device, **({"size": override} if override else {}))
         # (batch, 3, height, width)
         pixel_values = inputs["pixel_values"]
-        threads = self.threads.running(tuple(pixel_values.shape)) if self.threads else contextlib.nullcontext()
+        tuner = self.thread_tuner
+        threads = tuner.running(tuple(pixel_values.shape)) if tuner else contextlib.nullcontext()
         # The pipeline's own model is not trained under it, so its bf16 weight casts can be kept between calls
         # (ddetr.ops.prepared_weights); detect_candidates alone, as fine-tuning evaluates, keeps nothing.
         with threads, reusing_prepared_weights():
@@ -331,7 +332,7 @@ def pipeline(
     if processor is None:
         processor = load_processor(source)
     return ObjectDetectionPipeline(
-        model=model, processor=processor, threshold=threshold, top_k=top_k, precision=precision, threads=tuner
+        model=model, processor=processor, threshold=threshold, top_k=top_k, precision=precision, thread_tuner=tuner
     )
 
 

@@ -150,16 +150,17 @@ def test_thread_settings_from_the_command_line() -> None:
 def test_the_adaptive_pipeline_times_each_input_shape_and_detects_as_the_pinned_one(two_threads) -> None:
     pinned = ddetr.pipeline(model=str(BUNDLED), precision="fp32", threads=2)
     adaptive = ddetr.pipeline(model=str(BUNDLED), precision="fp32", threads=ADAPTIVE)
-    assert pinned.threads is None and adaptive.threads is not None and adaptive.threads.counts == (2, 1)
+    tuner = adaptive.thread_tuner
+    assert pinned.thread_tuner is None and tuner is not None and tuner.counts == (2, 1)
     frame = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
     expected = pinned.candidates([frame], size=128)[0]
     for _ in range(4):  # warm-up, two threads, one thread, then the faster
         found = adaptive.candidates([frame], size=128)[0]
         np.testing.assert_allclose(found.scores, expected.scores, atol=1e-4)
         np.testing.assert_allclose(found.boxes, expected.boxes, atol=1e-2)
-    (key,) = adaptive.threads._timings
+    (key,) = tuner._timings
     assert key[0] == 1 and key[1] == 3 and min(key[2:]) == 128
-    assert set(adaptive.threads.estimates(key)) == {1, 2}
+    assert set(tuner.estimates(key)) == {1, 2}
     assert torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="'adaptive'"):
         ddetr.pipeline(model=str(BUNDLED), threads="fastest")
@@ -169,6 +170,6 @@ def test_one_usable_cpu_means_no_tuner() -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert ddetr.pipeline(model=str(BUNDLED), threads=ADAPTIVE).threads is None
+        assert ddetr.pipeline(model=str(BUNDLED), threads=ADAPTIVE).thread_tuner is None
     finally:
         torch.set_num_threads(previous)
