@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,13 @@ TIMEOUT_MS = 120_000
 
 
 class DetectionLog:
-    """What the tracker handed to the page, per live frame: (frame width, detections)."""
+    """What the tracker handed to the page, per live frame: (the frame's score threshold, detections)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.frames: list[tuple[int, list[dict[str, Any]]]] = []
+        self.frames: list[tuple[float, list[dict[str, Any]]]] = []
 
-    def snapshot(self) -> list[tuple[int, list[dict[str, Any]]]]:
+    def snapshot(self) -> list[tuple[float, list[dict[str, Any]]]]:
         with self.lock:
             return list(self.frames)
 
@@ -54,7 +55,7 @@ def live_log() -> Iterator[DetectionLog]:
     def recording(self: FrameTracker, candidates: Any, settings: Any, **kwargs: Any) -> list[dict[str, Any]]:
         detections = original(self, candidates, settings, **kwargs)
         with log.lock:
-            log.frames.append((candidates.image_size[1], detections))
+            log.frames.append((settings.threshold, detections))
         return detections
 
     patcher = pytest.MonkeyPatch()
@@ -147,9 +148,18 @@ def test_webcam_streams_boxes_that_follow_the_threshold(page: Any, live_log: Det
     page.locator("#threshold input[type=number]").fill("0.99")
     page.locator("#threshold input[type=number]").press("Enter")
     page.wait_for_function("() => /(^|\\D)0 boxes/.test(document.querySelector('#live-stats').innerText)")
-    seen = len(live_log.snapshot())
-    later = wait_for_frames(page, live_log, seen + 3)[seen:]
-    assert all(not detections for _, detections in later)
+    # Frames come from the log with the threshold each ran at: a frame captured before the change may still finish
+    # after the first one at 0.99 (two stream calls can overlap), but from then on the stream runs at 0.99.
+    deadline = time.monotonic() + 60
+    while True:
+        frames = live_log.snapshot()
+        first = next((i for i, (threshold, _) in enumerate(frames) if threshold == pytest.approx(0.99)), None)
+        if first is not None and len(frames) - first >= 4 and frames[-1][0] == pytest.approx(0.99):
+            break
+        assert time.monotonic() < deadline, f"no frames at threshold 0.99 after 60 s: {[t for t, _ in frames]}"
+        page.wait_for_timeout(100)
+    at_new_threshold = [detections for threshold, detections in frames[first:] if threshold == pytest.approx(0.99)]
+    assert len(at_new_threshold) >= 3 and not any(at_new_threshold)
 
     # Stop: frames stop arriving.
     page.locator("#live-input").get_by_label("capture photo").click()
